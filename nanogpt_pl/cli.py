@@ -1,0 +1,82 @@
+"""The command line: LightningCLI over ``GPTModule`` and ``CharDataModule``.
+
+``fit``, ``validate`` and ``test`` are Lightning's own; every argument comes from a signature and
+its docstring, so ``--help`` and ``--print_config`` describe exactly what the code accepts.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from jsonargparse import set_parsing_settings
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from nanogpt_pl.data import CharDataModule, vocab_size_of
+from nanogpt_pl.errors import UsageError
+from nanogpt_pl.module import GPTModule
+
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+TRAINER_DEFAULTS = {
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": "tb_logs", "name": None, "default_hp_metric": False},
+    },
+    "max_steps": 5000,
+    # The lecture's eval_interval: the estimate runs every 500 steps, counted across "epochs"
+    # (our training stream is endless, so there is only one).
+    "val_check_interval": 500,
+    "check_val_every_n_epoch": None,
+    # A sanity pass would spend a full evaluation before step 0 and advance the eval sampler.
+    "num_sanity_val_steps": 0,
+}
+
+
+class GPTCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        # Stated once, in data; the model follows.
+        parser.link_arguments("data.block_size", "model.config.block_size")
+        # The vocabulary is the data file's: read at parse time, so --print_config shows it.
+        parser.link_arguments("data.data_path", "model.config.vocab_size", compute_fn=vocab_size_of)
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/loss",
+                "checkpoint.mode": "min",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "step{step}-val{val/loss:.4f}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+
+    def before_instantiate_classes(self) -> None:
+        """Name the TensorBoard run after the config file (``configs/v7.yaml`` logs to ``tb_logs/v7``)."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        logger = config.trainer.logger
+        if logger and getattr(logger, "init_args", None) is not None and logger.init_args.get("name") is None:
+            files = config.get("config") or []
+            logger.init_args.name = Path(str(files[-1])).stem if files else "nanogpt"
+
+
+def cli(args=None, run: bool = True) -> GPTCLI:
+    return GPTCLI(
+        GPTModule,
+        CharDataModule,
+        seed_everything_default=1337,
+        trainer_defaults=TRAINER_DEFAULTS,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,  # the optimizer is model.optimizer, stated once
+        args=args,
+        run=run,
+    )
+
+
+def main(args=None) -> None:
+    """Entry point of ``python -m nanogpt_pl`` and ``nanogpt-pl``."""
+    try:
+        cli(args)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,215 @@
+"""Characters in, blocks of token ids out: the tokenizer and the lecture's random block sampling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, NamedTuple, Optional
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from nanogpt_pl.errors import UsageError
+
+SPLITS = ("train", "val")
+
+# Evaluation stacks many of its random batches into one forward pass: the mean loss is the same
+# (every batch has batch_size * block_size tokens) and a few large kernels beat many small ones.
+# This caps the tokens per pass so memory stays bounded for large batch and block sizes.
+EVAL_TOKENS_PER_FORWARD = 2**16
+
+
+def read_text(path: Path) -> str:
+    """The text of a data file; every failure is one line that names the file and the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"data file not found: {path} (set data.data_path to a UTF-8 text file).")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"data file {path} is not UTF-8 text (byte {err.start}); convert it to UTF-8.") from None
+    if not text:
+        raise UsageError(f"data file {path} is empty; point data.data_path to a text to train on.")
+    return text
+
+
+def vocab_size_of(path: str) -> int:
+    """How many distinct characters a data file holds: the model's ``vocab_size``."""
+    return len(set(read_text(path)))
+
+
+class CharTokenizer:
+    """Maps each character of a fixed vocabulary to its index in the sorted vocabulary."""
+
+    def __init__(self, chars: str) -> None:
+        self.chars = chars
+        self.stoi = {ch: i for i, ch in enumerate(chars)}
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharTokenizer":
+        return cls("".join(sorted(set(text))))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> list[int]:
+        unknown = sorted(set(text) - self.stoi.keys())
+        if unknown:
+            shown = ", ".join(repr(ch) for ch in unknown)
+            raise UsageError(
+                f"characters not in the vocabulary: {shown}; drop them "
+                "(the model only knows the characters of its training text)."
+            )
+        return [self.stoi[ch] for ch in text]
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+
+class Request(NamedTuple):
+    """What a dataloader yields: which split to draw from and how many batches to stack.
+
+    The blocks themselves are drawn after the request reaches the training device
+    (``on_after_batch_transfer``): vectorized, from a copy of the text that already lives there,
+    and in the order the steps consume them, so the sampler's state in a checkpoint is exact.
+    """
+
+    split: str
+    n_batches: int
+
+
+class _Endless(IterableDataset):
+    def __iter__(self) -> Iterator[Request]:
+        while True:
+            yield Request("train", 1)
+
+
+class CharDataModule(L.LightningDataModule):
+    """Any UTF-8 text file, split 90/10, served as random blocks of characters."""
+
+    def __init__(
+        self,
+        data_path: str = "data/tinyshakespeare/input.txt",
+        block_size: int = 256,
+        batch_size: int = 64,
+        eval_iters: int = 200,
+        train_fraction: float = 0.9,
+    ) -> None:
+        """
+        Args:
+            data_path: UTF-8 text file to train on; its sorted set of characters is the vocabulary.
+            block_size: Characters per training example (the model's context length).
+            batch_size: Random blocks per training step (per device).
+            eval_iters: Random batches per split averaged into each train/val loss estimate.
+            train_fraction: Leading fraction of the text used for training; the rest is validation.
+        """
+        super().__init__()
+        for name, value in (("block_size", block_size), ("batch_size", batch_size), ("eval_iters", eval_iters)):
+            if value < 1:
+                raise UsageError(f"data.{name} must be a positive integer, got {value}.")
+        if not 0.0 < train_fraction < 1.0:
+            raise UsageError(f"data.train_fraction must be between 0 and 1, got {train_fraction}.")
+        self.data_path = Path(data_path)
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.eval_iters = eval_iters
+        self.train_fraction = train_fraction
+        self._tokenizer: Optional[CharTokenizer] = None
+        self._splits: dict[str, torch.Tensor] = {}
+        self._generators: dict[str, torch.Generator] = {}
+
+    # -- the text ---------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> CharTokenizer:
+        if self._tokenizer is None:
+            self._load()
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def _load(self) -> None:
+        """Read, check and encode the text once."""
+        path = self.data_path
+        text = read_text(path)
+        tokenizer = CharTokenizer.from_text(text)
+        data = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+        n = int(self.train_fraction * len(data))
+        splits = {"train": data[:n], "val": data[n:]}
+        for split, part in splits.items():
+            if len(part) < self.block_size + 1:
+                raise UsageError(
+                    f"the {split} split of {path} has {len(part)} characters, fewer than "
+                    f"block_size + 1 = {self.block_size + 1}: use a longer text or a smaller data.block_size."
+                )
+        self._tokenizer, self._splits = tokenizer, splits
+
+    # -- sampling ---------------------------------------------------------------------------
+    def sample(
+        self, split: str, n_batches: int = 1, generator: Optional[torch.Generator] = None,
+        device: Optional[torch.device] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n_batches * batch_size`` random blocks of ``split``: x (N, block_size) and y, x shifted by one."""
+        if not self._splits:
+            self._load()
+        data = self._splits[split]
+        if device is not None and data.device != device:
+            data = self._splits[split] = data.to(device)
+        n = n_batches * self.batch_size
+        ix = torch.randint(len(data) - self.block_size, (n,), generator=generator)
+        offsets = ix.to(data.device)[:, None] + torch.arange(self.block_size + 1, device=data.device)
+        blocks = data[offsets]  # (N, block_size + 1)
+        return blocks[:, :-1], blocks[:, 1:]
+
+    def setup(self, stage: str) -> None:
+        self._load()
+        # The sampler's streams derive from the run's seed (seed_everything) so runs repeat; they
+        # are separate from the global RNG so evaluation never shifts the training batches.
+        # A checkpoint's streams, restored by load_state_dict, take precedence.
+        seed = torch.initial_seed()
+        for i, name in enumerate(("train", "eval")):
+            if name not in self._generators:
+                self._generators[name] = torch.Generator().manual_seed(seed + i)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_Endless(), batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self._eval_requests(), batch_size=None)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def _eval_requests(self) -> list[Request]:
+        """``eval_iters`` batches of each split, stacked into as few forward passes as memory allows."""
+        per_forward = max(1, EVAL_TOKENS_PER_FORWARD // (self.batch_size * self.block_size))
+        requests = []
+        for split in SPLITS:
+            for start in range(0, self.eval_iters, per_forward):
+                requests.append(Request(split, min(per_forward, self.eval_iters - start)))
+        return requests
+
+    def on_after_batch_transfer(self, batch: Request, dataloader_idx: int):
+        generator = self._generators["train" if self.trainer.training else "eval"]
+        x, y = self.sample(batch.split, batch.n_batches, generator, self.trainer.strategy.root_device)
+        return x, y, batch
+
+    # -- checkpointing ----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The vocabulary (so a checkpoint alone can decode) and the sampler's random streams."""
+        return {
+            "vocab": self.tokenizer.chars,
+            "generators": {name: g.get_state() for name, g in self._generators.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["vocab"] != self.tokenizer.chars:
+            raise UsageError(
+                f"the checkpoint's vocabulary ({len(state['vocab'])} characters) differs from that of "
+                f"{self.data_path} ({self.vocab_size}): resume with the text it was trained on."
+            )
+        for name, g_state in state["generators"].items():
+            self._generators[name] = torch.Generator()
+            self._generators[name].set_state(g_state)

@@ -1,0 +1,235 @@
+"""The GPT of "Let's build GPT", as one module whose flags replay the lecture step by step.
+
+Pure ``torch.nn``: nothing here knows about Lightning, data files or the command line, so the
+model can be imported, tested and reused on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    """The whole description of a model. Each flag is one idea of the lecture."""
+
+    vocab_size: int = 65
+    """Number of distinct tokens (characters); set from the data's vocabulary."""
+    block_size: int = 256
+    """Longest context the model sees; set from ``data.block_size``."""
+    bigram: bool = False
+    """v1: logits are read straight from a vocab_size x vocab_size table; every other flag is unused."""
+    n_embd: int = 384
+    """Width of the token and position embeddings (the residual stream)."""
+    n_head: int = 6
+    """Attention heads per layer."""
+    head_size: Optional[int] = None
+    """Width of one head; default n_embd // n_head. v2 uses one head of 16 on n_embd 32."""
+    n_layer: int = 6
+    """Number of stacked blocks (attention, then feed-forward)."""
+    ffn: bool = True
+    """Feed-forward network after attention in each block (v3_ffn onwards)."""
+    ffn_mult: int = 4
+    """Hidden width of the feed-forward network, in multiples of n_embd (1 until v5, then 4)."""
+    residual: bool = True
+    """Residual connections, with an output projection after attention and feed-forward (v5)."""
+    layer_norm: bool = True
+    """Pre-LayerNorm before attention and feed-forward, and a final LayerNorm before lm_head (v6)."""
+    dropout: float = 0.0
+    """Dropout on attention weights, after projections and after the feed-forward network (v7)."""
+    bias: bool = False
+    """Bias in the key, query and value projections (the lecture has none)."""
+    attn_scale: Literal["n_embd", "head_size"] = "head_size"
+    """Attention scores scaled by n_embd**-0.5 (as the lecture ran) or head_size**-0.5 (the later fix)."""
+    init: Literal["default", "normal"] = "default"
+    """PyTorch's default init (as the lecture ran) or normal(0, 0.02) weights with zero biases."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_embd", "n_head", "n_layer", "ffn_mult"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
+        if self.head_size is None:
+            if self.n_embd % self.n_head:
+                raise ValueError(
+                    f"n_embd ({self.n_embd}) is not divisible by n_head ({self.n_head}): "
+                    "choose sizes that divide, or set head_size explicitly."
+                )
+        elif self.head_size < 1:
+            raise ValueError(f"head_size must be a positive integer, got {self.head_size}.")
+        if self.bigram:
+            return
+        if self.attn_width != self.n_embd and (
+            self.residual or self.ffn or self.layer_norm or self.n_layer > 1
+        ):
+            raise ValueError(
+                f"n_head * head_size ({self.attn_width}) must equal n_embd ({self.n_embd}) unless the "
+                "model is one attention layer with residual, ffn and layer_norm off."
+            )
+        if self.ffn and not self.residual and self.ffn_mult != 1:
+            raise ValueError(
+                f"ffn_mult {self.ffn_mult} needs residual: true (its projection maps the hidden width "
+                "back to n_embd); use ffn_mult 1 without residual connections."
+            )
+
+    @property
+    def head_dim(self) -> int:
+        """The width of one head: ``head_size``, or its default n_embd // n_head."""
+        return self.head_size if self.head_size is not None else self.n_embd // self.n_head
+
+    @property
+    def attn_width(self) -> int:
+        """Width of the concatenated heads."""
+        return self.n_head * self.head_dim
+
+
+class MultiHeadAttention(nn.Module):
+    """Causal self-attention, all heads at once.
+
+    One fused key/query/value projection and ``scaled_dot_product_attention`` compute exactly
+    what the lecture's list of single-head modules computes, in a few large kernels instead of
+    several small ones per head, and without a stored mask (which would land in checkpoints).
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head, self.head_size = config.n_head, config.head_dim
+        self.qkv = nn.Linear(config.n_embd, 3 * config.attn_width, bias=config.bias)
+        # The lecture's Head computes C**-0.5 with C the input width (n_embd); later code uses head_size.
+        self.scale = (config.n_embd if config.attn_scale == "n_embd" else config.head_dim) ** -0.5
+        self.attn_dropout = config.dropout
+        if config.residual:
+            self.proj = nn.Linear(config.attn_width, config.n_embd)
+            self.resid_dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
+        else:
+            self.proj = self.resid_dropout = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        # (B, T, 3 * nh * hs) -> three tensors of (B, nh, T, hs); within each, heads are contiguous.
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_size).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+            is_causal=True,
+            scale=self.scale,
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_size)  # heads concatenated
+        return self.resid_dropout(self.proj(y))
+
+
+class FeedForward(nn.Module):
+    """Per-position MLP: a ReLU layer, plus its projection back to n_embd when residuals are on."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        hidden = config.ffn_mult * config.n_embd
+        layers: list[nn.Module] = [nn.Linear(config.n_embd, hidden), nn.ReLU()]
+        if config.residual:
+            layers.append(nn.Linear(hidden, config.n_embd))
+        if config.dropout:
+            layers.append(nn.Dropout(config.dropout))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Block(nn.Module):
+    """Communication (attention) followed by computation (feed-forward)."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.residual = config.residual
+        norm = (lambda: nn.LayerNorm(config.n_embd)) if config.layer_norm else nn.Identity
+        self.ln1, self.ln2 = norm(), norm()
+        self.sa = MultiHeadAttention(config)
+        self.ffwd = FeedForward(config) if config.ffn else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.residual:
+            x = x + self.sa(self.ln1(x))
+            return x + self.ffwd(self.ln2(x))
+        return self.ffwd(self.ln2(self.sa(self.ln1(x))))
+
+
+class GPT(nn.Module):
+    """A character-level GPT; ``GPTConfig`` decides which step of the lecture it is."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        if config.bigram:
+            self.token_embedding_table = nn.Embedding(config.vocab_size, config.vocab_size)
+        else:
+            self.token_embedding_table = nn.Embedding(config.vocab_size, config.n_embd)
+            self.position_embedding_table = nn.Embedding(config.block_size, config.n_embd)
+            self.blocks = nn.Sequential(*(Block(config) for _ in range(config.n_layer)))
+            # Without residuals or feed-forward, the last layer's output is the concatenated heads.
+            width = config.n_embd if (config.residual or config.ffn) else config.attn_width
+            self.ln_f = nn.LayerNorm(width) if config.layer_norm else nn.Identity()
+            self.lm_head = nn.Linear(width, config.vocab_size)
+        if config.init == "normal":
+            self.apply(_init_normal)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(
+        self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Logits (B, T, vocab_size) for token ids ``idx`` (B, T); the mean cross-entropy if ``targets``."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}.")
+        if self.config.bigram:
+            logits = self.token_embedding_table(idx)  # (B, T, V)
+        else:
+            tok_emb = self.token_embedding_table(idx)  # (B, T, C)
+            pos_emb = self.position_embedding_table(torch.arange(T, device=idx.device))  # (T, C)
+            x = self.blocks(tok_emb + pos_emb)  # (B, T, C)
+            logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(B * T, -1), targets.reshape(B * T))
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> torch.Tensor:
+        """Extend ``idx`` (B, T) by sampling ``max_new_tokens`` tokens, one at a time.
+
+        The context is cropped to the last ``block_size`` tokens, since the position table has
+        no rows beyond it. ``generator`` makes sampling reproducible without touching the
+        global random state.
+        """
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.config.block_size :])
+            logits = logits[:, -1, :] / temperature  # (B, V)
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = F.softmax(logits, dim=-1)
+            idx_next = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
+
+
+def _init_normal(module: nn.Module) -> None:
+    """GPT-2's init: N(0, 0.02) for weights and embeddings, zero biases (LayerNorms keep 1 and 0)."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)

@@ -1,0 +1,69 @@
+"""Training glue: the GPT, its optimizer and the lecture's evaluation protocol, as a LightningModule."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torchmetrics import MeanMetric
+
+from nanogpt_pl.data import SPLITS
+from nanogpt_pl.model import GPT, GPTConfig
+
+# The estimate of each split, as the lecture's ``estimate_loss`` prints it.
+EVAL_TAGS = {"train": "train/loss_eval", "val": "val/loss"}
+
+
+class GPTModule(L.LightningModule):
+    """Trains a ``GPT`` on random blocks and estimates its train/val loss the lecture's way."""
+
+    def __init__(
+        self,
+        config: GPTConfig = GPTConfig(),
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+    ) -> None:
+        """
+        Args:
+            config: The model's architecture; each flag is one step of the lecture.
+            optimizer: Optimizer built over the model's parameters (AdamW at a constant learning rate).
+        """
+        super().__init__()
+        if isinstance(config, dict):  # as stored in a checkpoint's hyper-parameters
+            config = GPTConfig(**config)
+        # Plain types only, so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters({"config": asdict(config)})
+        self.model = GPT(config)
+        self.optimizer = optimizer
+        # Keyed "<split>_loss": a plain "train" key would shadow nn.Module.train.
+        self.loss_estimates = torch.nn.ModuleDict({f"{split}_loss": MeanMetric() for split in SPLITS})
+
+    def forward(self, idx, targets=None):
+        return self.model(idx, targets)
+
+    def training_step(self, batch, batch_idx):
+        x, y, _ = batch
+        _, loss = self.model(x, y)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # The lecture estimates the loss once more at the last step, whether or not it falls on
+        # eval_interval. Asking to stop there makes Lightning run that final validation.
+        if self.trainer.max_steps > 0 and self.trainer.global_step >= self.trainer.max_steps:
+            self.trainer.should_stop = True
+
+    def validation_step(self, batch, batch_idx):
+        # Each batch stacks ``n_batches`` equal-sized random batches of one split: its mean loss
+        # weighted by that count gives exactly the mean over the lecture's per-batch losses.
+        x, y, request = batch
+        _, loss = self.model(x, y)
+        metric = self.loss_estimates[f"{request.split}_loss"]
+        metric.update(loss, weight=request.n_batches)
+        self.log(EVAL_TAGS[request.split], metric, prog_bar=request.split == "val")
+
+    test_step = validation_step
+
+    def configure_optimizers(self):
+        return self.optimizer(self.parameters())
