@@ -6,10 +6,11 @@ its docstring, so ``--help`` and ``--print_config`` describe exactly what the co
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
-from jsonargparse import set_parsing_settings
+from jsonargparse import auto_cli, set_parsing_settings
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
@@ -35,6 +36,12 @@ TRAINER_DEFAULTS = {
 
 
 class GPTCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's fit, validate and test; predict has no meaning for a language model here."""
+        subcommands = LightningCLI.subcommands()
+        return {name: subcommands[name] for name in ("fit", "validate", "test")}
+
     def add_arguments_to_parser(self, parser) -> None:
         # Stated once, in data; the model follows.
         parser.link_arguments("data.block_size", "model.config.block_size")
@@ -73,10 +80,20 @@ def cli(args=None, run: bool = True) -> GPTCLI:
     )
 
 
+# Commands beyond Lightning's fit/validate/test: name -> "module:function", each function a
+# small CLI of its own (its signature and docstring are its arguments and --help).
+COMMANDS: dict[str, str] = {}
+
+
 def main(args=None) -> None:
     """Entry point of ``python -m nanogpt_pl`` and ``nanogpt-pl``."""
+    argv = sys.argv[1:] if args is None else list(args)
     try:
-        cli(args)
+        if argv and argv[0] in COMMANDS:
+            module, function = COMMANDS[argv[0]].split(":")
+            auto_cli(getattr(importlib.import_module(module), function), args=argv[1:])
+        else:
+            cli(args)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
