@@ -1,0 +1,41 @@
+"""Shared fixtures: the repository's paths, a small text, and ways to run the command line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+SHAKESPEARE = REPO / "data" / "tinyshakespeare" / "input.txt"
+
+# Overrides that shrink any config to a few seconds on a CPU: a handful of steps, an estimate
+# every two steps over two batches, and no progress bar in captured output.
+TINY = [
+    "--trainer.max_steps", "4",
+    "--trainer.val_check_interval", "2",
+    "--data.eval_iters", "2",
+    "--trainer.accelerator", "cpu",
+    "--trainer.enable_progress_bar", "false",
+]
+
+
+@pytest.fixture
+def small_text(tmp_path: Path) -> Path:
+    """The first 20,000 characters of Tiny Shakespeare: every character class, trains in seconds."""
+    path = tmp_path / "small.txt"
+    path.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    return path
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m nanogpt_pl ARGS`` in a fresh process, as a user would run it."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "nanogpt_pl", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+    )
