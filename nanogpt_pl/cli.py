@@ -10,7 +10,7 @@ import importlib
 import sys
 from pathlib import Path
 
-from jsonargparse import auto_cli, set_parsing_settings
+from jsonargparse import ArgumentError, auto_cli, set_parsing_settings
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
@@ -75,6 +75,9 @@ def cli(args=None, run: bool = True) -> GPTCLI:
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,  # the optimizer is model.optimizer, stated once
+        # Parse errors raise instead of printing the whole usage; main() prints one line.
+        parser_kwargs={name: {"exit_on_error": False} for name in ("fit", "validate", "test")}
+        | {"exit_on_error": False},
         args=args,
         run=run,
     )
@@ -94,6 +97,16 @@ def main(args=None) -> None:
             auto_cli(getattr(importlib.import_module(module), function), args=argv[1:])
         else:
             cli(args)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (UsageError, ArgumentError) as err:
+        print(f"error: {_root_message(err)}", file=sys.stderr)
         sys.exit(2)
+
+
+def _root_message(err: BaseException) -> str:
+    """Our own message when a parse error wraps one (e.g. a bad data file met while linking)."""
+    cause = err
+    while cause is not None:
+        if isinstance(cause, UsageError):
+            return str(cause)
+        cause = cause.__cause__
+    return f"{err} (see --help)"

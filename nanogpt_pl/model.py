@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanogpt_pl.errors import UsageError
+
 
 @dataclass
 class GPTConfig:
@@ -52,28 +54,28 @@ class GPTConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_embd", "n_head", "n_layer", "ffn_mult"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+                raise UsageError(f"{name} must be a positive integer, got {getattr(self, name)}.")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
+            raise UsageError(f"dropout must be in [0, 1), got {self.dropout}.")
         if self.head_size is None:
             if self.n_embd % self.n_head:
-                raise ValueError(
+                raise UsageError(
                     f"n_embd ({self.n_embd}) is not divisible by n_head ({self.n_head}): "
                     "choose sizes that divide, or set head_size explicitly."
                 )
         elif self.head_size < 1:
-            raise ValueError(f"head_size must be a positive integer, got {self.head_size}.")
+            raise UsageError(f"head_size must be a positive integer, got {self.head_size}.")
         if self.bigram:
             return
         if self.attn_width != self.n_embd and (
             self.residual or self.ffn or self.layer_norm or self.n_layer > 1
         ):
-            raise ValueError(
+            raise UsageError(
                 f"n_head * head_size ({self.attn_width}) must equal n_embd ({self.n_embd}) unless the "
                 "model is one attention layer with residual, ffn and layer_norm off."
             )
         if self.ffn and not self.residual and self.ffn_mult != 1:
-            raise ValueError(
+            raise UsageError(
                 f"ffn_mult {self.ffn_mult} needs residual: true (its projection maps the hidden width "
                 "back to n_embd); use ffn_mult 1 without residual connections."
             )
@@ -187,7 +189,7 @@ class GPT(nn.Module):
         """Logits (B, T, vocab_size) for token ids ``idx`` (B, T); the mean cross-entropy if ``targets``."""
         B, T = idx.shape
         if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}.")
+            raise UsageError(f"sequence length {T} exceeds block_size {self.config.block_size}.")
         if self.config.bigram:
             logits = self.token_embedding_table(idx)  # (B, T, V)
         else:
