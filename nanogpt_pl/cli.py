@@ -16,6 +16,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from nanogpt_pl.data import CharDataModule, vocab_size_of
 from nanogpt_pl.errors import UsageError
+from nanogpt_pl.model import GPTConfig
 from nanogpt_pl.module import GPTModule
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -45,8 +46,13 @@ class GPTCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # Stated once, in data; the model follows.
         parser.link_arguments("data.block_size", "model.config.block_size")
-        # The vocabulary is the data file's: read at parse time, so --print_config shows it.
-        parser.link_arguments("data.data_path", "model.config.vocab_size", compute_fn=vocab_size_of)
+        # The vocabulary is the data file's. Reading it while parsing also checks the file before
+        # anything is built or written.
+        parser.link_arguments(
+            ("data.data_path", "data.block_size", "data.train_fraction"),
+            "model.config.vocab_size",
+            compute_fn=vocab_size_of,
+        )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -57,6 +63,13 @@ class GPTCLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
+
+    def parse_arguments(self, parser, args) -> None:
+        """Check the model's sizes right after parsing, before seeding, building or writing anything."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        GPTConfig(**config.model.config.as_dict())
 
     def before_instantiate_classes(self) -> None:
         """Name the TensorBoard run after the config file (``configs/v7.yaml`` logs to ``tb_logs/v7``)."""

@@ -19,8 +19,11 @@ SPLITS = ("train", "val")
 EVAL_TOKENS_PER_FORWARD = 2**16
 
 
-def read_text(path: Path) -> str:
-    """The text of a data file; every failure is one line that names the file and the fix."""
+def read_text(path: Path, block_size: int, train_fraction: float) -> str:
+    """The text of a data file, checked to be long enough for blocks in both splits.
+
+    Every failure is one line that names the file and the fix.
+    """
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"data file not found: {path} (set data.data_path to a UTF-8 text file).")
@@ -30,12 +33,19 @@ def read_text(path: Path) -> str:
         raise UsageError(f"data file {path} is not UTF-8 text (byte {err.start}); convert it to UTF-8.") from None
     if not text:
         raise UsageError(f"data file {path} is empty; point data.data_path to a text to train on.")
+    n_train = int(train_fraction * len(text))
+    for split, length in (("train", n_train), ("val", len(text) - n_train)):
+        if length < block_size + 1:
+            raise UsageError(
+                f"the {split} split of {path} has {length} characters, fewer than block_size + 1 = "
+                f"{block_size + 1}: use a longer text or a smaller data.block_size."
+            )
     return text
 
 
-def vocab_size_of(path: str) -> int:
+def vocab_size_of(data_path: str, block_size: int, train_fraction: float) -> int:
     """How many distinct characters a data file holds: the model's ``vocab_size``."""
-    return len(set(read_text(path)))
+    return len(set(read_text(data_path, block_size, train_fraction)))
 
 
 class CharTokenizer:
@@ -132,19 +142,11 @@ class CharDataModule(L.LightningDataModule):
 
     def _load(self) -> None:
         """Read, check and encode the text once."""
-        path = self.data_path
-        text = read_text(path)
+        text = read_text(self.data_path, self.block_size, self.train_fraction)
         tokenizer = CharTokenizer.from_text(text)
         data = torch.tensor(tokenizer.encode(text), dtype=torch.long)
         n = int(self.train_fraction * len(data))
-        splits = {"train": data[:n], "val": data[n:]}
-        for split, part in splits.items():
-            if len(part) < self.block_size + 1:
-                raise UsageError(
-                    f"the {split} split of {path} has {len(part)} characters, fewer than "
-                    f"block_size + 1 = {self.block_size + 1}: use a longer text or a smaller data.block_size."
-                )
-        self._tokenizer, self._splits = tokenizer, splits
+        self._tokenizer, self._splits = tokenizer, {"train": data[:n], "val": data[n:]}
 
     # -- sampling ---------------------------------------------------------------------------
     def sample(
