@@ -10,6 +10,7 @@ import importlib
 import sys
 from pathlib import Path
 
+import torch
 from jsonargparse import ArgumentError, auto_cli, set_parsing_settings
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -72,12 +73,23 @@ class GPTCLI(LightningCLI):
         GPTConfig(**config.model.config.as_dict())
 
     def before_instantiate_classes(self) -> None:
-        """Name the TensorBoard run after the config file (``configs/v7.yaml`` logs to ``tb_logs/v7``)."""
+        """Name the TensorBoard run after the config file (``configs/v7.yaml`` logs to ``tb_logs/v7``).
+
+        Also: configs ask for bf16 mixed precision; a GPU without bf16 (before Ampere) gets fp16
+        mixed precision instead, which Lightning pairs with a gradient scaler.
+        """
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if str(config.trainer.precision) == "bf16-mixed" and _cuda_without_bf16(config.trainer.accelerator):
+            config.trainer.precision = "16-mixed"
         logger = config.trainer.logger
         if logger and getattr(logger, "init_args", None) is not None and logger.init_args.get("name") is None:
             files = config.get("config") or []
             logger.init_args.name = Path(str(files[-1])).stem if files else "nanogpt"
+
+
+def _cuda_without_bf16(accelerator) -> bool:
+    uses_cuda = str(accelerator) in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return uses_cuda and not torch.cuda.is_bf16_supported()
 
 
 def cli(args=None, run: bool = True) -> GPTCLI:

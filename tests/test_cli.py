@@ -85,3 +85,15 @@ def test_bad_input_is_one_line_and_writes_nothing(name, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
     assert list(work.iterdir()) == [], "a failed start left files behind"
+
+
+def test_validate_and_test_rerun_the_estimate_from_a_checkpoint(small_text, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["--config", str(CONFIGS[2]), "--data.data_path", str(small_text), *TINY]
+    main(["fit", *args])
+    ckpt = next((tmp_path / "tb_logs").rglob("*.ckpt"))
+    for subcommand in ("validate", "test"):
+        capsys.readouterr()
+        main([subcommand, *args, "--ckpt_path", str(ckpt)])
+        out = capsys.readouterr().out
+        assert "val/loss" in out and "train/loss_eval" in out
