@@ -7,11 +7,15 @@ from typing import Iterator, NamedTuple, Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset
 
 from nanogpt_pl.errors import UsageError
 
 SPLITS = ("train", "val")
+# The sampler's random streams: training batches, and evaluation batches (kept apart so that
+# evaluating never shifts the training batches).
+STREAMS = ("train", "eval")
 
 # Evaluation stacks many of its random batches into one forward pass: the mean loss is the same
 # (every batch has batch_size * block_size tokens) and a few large kernels beat many small ones.
@@ -95,6 +99,23 @@ class _Endless(IterableDataset):
             yield Request("train", 1)
 
 
+class _Requests(IterableDataset):
+    """A fixed list of requests. Iterable, so that under DDP Lightning does not re-split it with a
+    ``DistributedSampler`` (which pads by repeating items): each process already holds its share."""
+
+    def __init__(self, requests: list[Request]) -> None:
+        self.requests = requests
+
+    def __iter__(self) -> Iterator[Request]:
+        return iter(self.requests)
+
+
+def stream_seed(seed: int, stream: str, rank: int) -> int:
+    """The seed of one process's sampling stream: every process draws its own blocks, and process 0
+    draws those of a single-process run with the same seed."""
+    return seed + STREAMS.index(stream) + len(STREAMS) * rank
+
+
 class CharDataModule(L.LightningDataModule):
     """Any UTF-8 text file, split 90/10, served as random blocks of characters."""
 
@@ -165,32 +186,47 @@ class CharDataModule(L.LightningDataModule):
         blocks = data[offsets]  # (N, block_size + 1)
         return blocks[:, :-1], blocks[:, 1:]
 
+    def _process(self) -> tuple[int, int]:
+        """(global rank, world size) of this process: (0, 1) outside a distributed run."""
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
     def setup(self, stage: str) -> None:
         self._load()
-        # The sampler's streams derive from the run's seed (seed_everything) so runs repeat; they
-        # are separate from the global RNG so evaluation never shifts the training batches.
-        # A checkpoint's streams, restored by load_state_dict, take precedence.
+        rank, world_size = self._process()
+        if self.eval_iters < world_size:
+            raise UsageError(
+                f"data.eval_iters ({self.eval_iters}) is smaller than the number of processes ({world_size}): "
+                f"each process evaluates at least one batch of each split; set data.eval_iters to {world_size} or more."
+            )
+        # The sampler's streams derive from the run's seed (seed_everything) so runs repeat, offset
+        # by the process's rank: LightningCLI seeds every process alike, yet each must draw its own
+        # blocks. A checkpoint's streams, restored by load_state_dict, take precedence.
         seed = torch.initial_seed()
-        for i, name in enumerate(("train", "eval")):
+        for name in STREAMS:
             if name not in self._generators:
-                self._generators[name] = torch.Generator().manual_seed(seed + i)
+                self._generators[name] = torch.Generator().manual_seed(stream_seed(seed, name, rank))
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(_Endless(), batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self._eval_requests(), batch_size=None)
+        return DataLoader(_Requests(self._eval_requests()), batch_size=None)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
 
     def _eval_requests(self) -> list[Request]:
-        """``eval_iters`` batches of each split, stacked into as few forward passes as memory allows."""
+        """This process's share of the ``eval_iters`` batches of each split, stacked into as few
+        forward passes as memory allows. The shares add up to ``eval_iters``: more processes make
+        the lecture's estimate faster, not larger."""
+        rank, world_size = self._process()
+        n_batches = self.eval_iters // world_size + (rank < self.eval_iters % world_size)
         per_forward = max(1, EVAL_TOKENS_PER_FORWARD // (self.batch_size * self.block_size))
         requests = []
         for split in SPLITS:
-            for start in range(0, self.eval_iters, per_forward):
-                requests.append(Request(split, min(per_forward, self.eval_iters - start)))
+            for start in range(0, n_batches, per_forward):
+                requests.append(Request(split, min(per_forward, n_batches - start)))
         return requests
 
     def on_after_batch_transfer(self, batch: Request, dataloader_idx: int):
@@ -200,18 +236,49 @@ class CharDataModule(L.LightningDataModule):
 
     # -- checkpointing ----------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """The vocabulary (so a checkpoint alone can decode) and the sampler's random streams."""
-        return {
-            "vocab": self.tokenizer.chars,
-            "generators": {name: g.get_state() for name, g in self._generators.items()},
-        }
+        """The vocabulary (so a checkpoint alone can decode) and the sampler's random streams.
+
+        Under DDP only process 0's checkpoint is written, so every process's streams are gathered
+        into it (``rank_generators``, indexed by global rank). Lightning builds the checkpoint on
+        every process, which this collective relies on.
+        """
+        generators = {name: g.get_state() for name, g in self._generators.items()}
+        state = {"vocab": self.tokenizer.chars, "generators": generators}
+        if self._process()[1] > 1:
+            state["rank_generators"] = self._gather(generators)
+        return state
+
+    def _gather(self, generators: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Every process's stream states, by rank (states are equal-sized byte tensors)."""
+        device = self.trainer.strategy.root_device  # NCCL gathers only tensors on the GPU
+        world_size = self._process()[1]
+        saved = [{} for _ in range(world_size)]
+        for name, g_state in generators.items():
+            states = [torch.empty_like(g_state, device=device) for _ in range(world_size)]
+            torch.distributed.all_gather(states, g_state.to(device))
+            for rank, rank_state in enumerate(states):
+                saved[rank][name] = rank_state.cpu()
+        return saved
 
     def load_state_dict(self, state: dict) -> None:
+        """Each process resumes its own streams; with a different number of processes, process r
+        continues saved stream r if there is one and otherwise keeps the fresh one ``setup`` seeded."""
         if state["vocab"] != self.tokenizer.chars:
             raise UsageError(
                 f"the checkpoint's vocabulary ({len(state['vocab'])} characters) differs from that of "
                 f"{self.data_path} ({self.vocab_size}): resume with the text it was trained on."
             )
-        for name, g_state in state["generators"].items():
+        rank, world_size = self._process()
+        saved = state.get("rank_generators") or [state["generators"]]
+        if len(saved) != world_size:
+            rank_zero_warn(
+                f"the checkpoint was written by {len(saved)} process(es) and this run has {world_size}: "
+                + (f"processes {len(saved)} and up start fresh sampling streams from the seed, "
+                   if world_size > len(saved) else f"the sampling streams of processes {world_size} and up are dropped, ")
+                + "the others continue their saved streams."
+            )
+        if rank >= len(saved):
+            return
+        for name, g_state in saved[rank].items():
             self._generators[name] = torch.Generator()
             self._generators[name].set_state(g_state)
