@@ -271,11 +271,14 @@ class CharDataModule(L.LightningDataModule):
         rank, world_size = self._process()
         saved = state.get("rank_generators") or [state["generators"]]
         if len(saved) != world_size:
+            change = (
+                f"processes {len(saved)} and up start fresh sampling streams from the seed"
+                if world_size > len(saved)
+                else f"the saved streams of processes {world_size} and up go unused"
+            )
             rank_zero_warn(
                 f"the checkpoint was written by {len(saved)} process(es) and this run has {world_size}: "
-                + (f"processes {len(saved)} and up start fresh sampling streams from the seed, "
-                   if world_size > len(saved) else f"the sampling streams of processes {world_size} and up are dropped, ")
-                + "the others continue their saved streams."
+                f"{change}; the others continue their saved streams."
             )
         if rank >= len(saved):
             return

@@ -57,6 +57,8 @@ class GPTModule(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         # Each batch stacks ``n_batches`` equal-sized random batches of one split: its mean loss
         # weighted by that count gives exactly the mean over the lecture's per-batch losses.
+        # Under DDP each process holds its share of the batches; the metric sums values and
+        # weights over all processes when computed, so the estimate covers every process's batches.
         x, y, request = batch
         _, loss = self.model(x, y)
         metric = self.loss_estimates[f"{request.split}_loss"]
