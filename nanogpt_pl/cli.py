@@ -12,13 +12,16 @@ from pathlib import Path
 
 import torch
 from jsonargparse import ArgumentError, auto_cli, set_parsing_settings
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from nanogpt_pl.data import CharDataModule, vocab_size_of
 from nanogpt_pl.errors import UsageError
 from nanogpt_pl.model import GPTConfig
 from nanogpt_pl.module import GPTModule
+from nanogpt_pl.monitoring import HParamsMetric, TextSample, TokenThroughput
+from nanogpt_pl.terminal import RunSummary, TrainingBar, quiet_known_noise
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
@@ -55,6 +58,7 @@ class GPTCLI(LightningCLI):
             compute_fn=vocab_size_of,
         )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(TextSample, "sample")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/loss",
@@ -87,12 +91,27 @@ class GPTCLI(LightningCLI):
             logger.init_args.name = Path(str(files[-1])).stem if files else "nanogpt"
 
 
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        """Lightning's trainer with this project's monitoring: TensorBoard scalars, the bar, the summary."""
+        config = self._get(self.config_init, "trainer", default={})
+        callbacks = config.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        callbacks += [TokenThroughput(), HParamsMetric(), RunSummary()]
+        if config.get("logger") is not False:
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
+        # Lightning refuses a bar callback when the bar is off, and adds its own when none is given.
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks.append(TrainingBar())
+        return super().instantiate_trainer(**{**kwargs, "callbacks": callbacks})
+
+
 def _cuda_without_bf16(accelerator) -> bool:
     uses_cuda = str(accelerator) in ("auto", "gpu", "cuda") and torch.cuda.is_available()
     return uses_cuda and not torch.cuda.is_bf16_supported()
 
 
 def cli(args=None, run: bool = True) -> GPTCLI:
+    quiet_known_noise()
     return GPTCLI(
         GPTModule,
         CharDataModule,
@@ -102,7 +121,7 @@ def cli(args=None, run: bool = True) -> GPTCLI:
         auto_configure_optimizers=False,  # the optimizer is model.optimizer, stated once
         # Parse errors raise instead of printing the whole usage; main() prints one line.
         parser_kwargs={name: {"exit_on_error": False} for name in ("fit", "validate", "test")}
-        | {"exit_on_error": False},
+        | {"exit_on_error": False, "prog": _prog(), "description": _description()},
         args=args,
         run=run,
     )
@@ -111,6 +130,22 @@ def cli(args=None, run: bool = True) -> GPTCLI:
 # Commands beyond Lightning's fit/validate/test: name -> "module:function", each function a
 # small CLI of its own (its signature and docstring are its arguments and --help).
 COMMANDS: dict[str, str] = {}
+
+
+def _prog() -> str:
+    """How the user called us, for usage lines: ``python -m nanogpt_pl`` rather than ``__main__.py``."""
+    name = Path(sys.argv[0]).name
+    return "python -m nanogpt_pl" if name in ("__main__.py", "-m", "") else name
+
+
+def _description() -> str:
+    text = (
+        "Train and evaluate the GPTs of \"Let's build GPT\": configs/v1.yaml (a bigram table) to "
+        "configs/v7.yaml (the scaled-up Transformer)."
+    )
+    if COMMANDS:
+        text += f" Other commands: {', '.join(COMMANDS)} (each with --help)."
+    return text
 
 
 def main(args=None) -> None:

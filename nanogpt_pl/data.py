@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, NamedTuple, Optional
+from typing import Iterable, Iterator, NamedTuple, Optional
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import IterableDataset
 
 from nanogpt_pl.errors import UsageError
 
@@ -99,15 +99,19 @@ class _Endless(IterableDataset):
             yield Request("train", 1)
 
 
-class _Requests(IterableDataset):
-    """A fixed list of requests. Iterable, so that under DDP Lightning does not re-split it with a
-    ``DistributedSampler`` (which pads by repeating items): each process already holds its share."""
+class _Requests:
+    """A fixed list of requests, iterated afresh by every evaluation. Not a DataLoader, so under DDP
+    Lightning does not re-split it with a ``DistributedSampler`` (which pads by repeating items):
+    each process already holds its share."""
 
     def __init__(self, requests: list[Request]) -> None:
         self.requests = requests
 
     def __iter__(self) -> Iterator[Request]:
         return iter(self.requests)
+
+    def __len__(self) -> int:
+        return len(self.requests)
 
 
 def stream_seed(seed: int, stream: str, rank: int) -> int:
@@ -141,6 +145,7 @@ class CharDataModule(L.LightningDataModule):
                 raise UsageError(f"data.{name} must be a positive integer, got {value}.")
         if not 0.0 < train_fraction < 1.0:
             raise UsageError(f"data.train_fraction must be between 0 and 1, got {train_fraction}.")
+        self.save_hyperparameters()  # logged with the run, shown in TensorBoard's HPARAMS tab
         self.data_path = Path(data_path)
         self.block_size = block_size
         self.batch_size = batch_size
@@ -207,13 +212,15 @@ class CharDataModule(L.LightningDataModule):
             if name not in self._generators:
                 self._generators[name] = torch.Generator().manual_seed(stream_seed(seed, name, rank))
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(_Endless(), batch_size=None)
+    # Plain iterables of requests rather than DataLoaders: a request is a few bytes and its blocks
+    # are drawn on the device, so worker processes would have nothing to do.
+    def train_dataloader(self) -> Iterable[Request]:
+        return _Endless()
 
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(_Requests(self._eval_requests()), batch_size=None)
+    def val_dataloader(self) -> Iterable[Request]:
+        return _Requests(self._eval_requests())
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> Iterable[Request]:
         return self.val_dataloader()
 
     def _eval_requests(self) -> list[Request]:

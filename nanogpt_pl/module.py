@@ -8,12 +8,15 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics import MeanMetric
+from torchmetrics.text import Perplexity
 
 from nanogpt_pl.data import SPLITS
 from nanogpt_pl.model import GPT, GPTConfig
 
 # The estimate of each split, as the lecture's ``estimate_loss`` prints it.
 EVAL_TAGS = {"train": "train/loss_eval", "val": "val/loss"}
+# exp of the same estimates: the mean over the same tokens of the model's "surprise" per character.
+PERPLEXITY_TAGS = {"train": "train/perplexity_eval", "val": "val/perplexity"}
 
 
 class GPTModule(L.LightningModule):
@@ -38,6 +41,7 @@ class GPTModule(L.LightningModule):
         self.optimizer = optimizer
         # Keyed "<split>_loss": a plain "train" key would shadow nn.Module.train.
         self.loss_estimates = torch.nn.ModuleDict({f"{split}_loss": MeanMetric() for split in SPLITS})
+        self.perplexities = torch.nn.ModuleDict({f"{split}_perplexity": Perplexity() for split in SPLITS})
 
     def forward(self, idx, targets=None):
         return self.model(idx, targets)
@@ -45,7 +49,8 @@ class GPTModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y, _ = batch
         _, loss = self.model(x, y)
-        self.log("train/loss", loss, prog_bar=True)
+        # Logged every trainer.log_every_n_steps steps; reading it more often would wait on the GPU.
+        self.log("train/loss", loss)
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
@@ -60,10 +65,23 @@ class GPTModule(L.LightningModule):
         # Under DDP each process holds its share of the batches; the metric sums values and
         # weights over all processes when computed, so the estimate covers every process's batches.
         x, y, request = batch
-        _, loss = self.model(x, y)
+        logits, loss = self.model(x, y)
         metric = self.loss_estimates[f"{request.split}_loss"]
         metric.update(loss, weight=request.n_batches)
-        self.log(EVAL_TAGS[request.split], metric, prog_bar=request.split == "val")
+        self.log(EVAL_TAGS[request.split], metric)
+        perplexity = self.perplexities[f"{request.split}_perplexity"]
+        perplexity.update(logits.float(), y)
+        self.log(PERPLEXITY_TAGS[request.split], perplexity)
+
+    def on_validation_epoch_end(self) -> None:
+        # The estimate after N optimizer steps belongs at step N of the loggers' x-axis; Lightning
+        # would file it under N - 1 (the last training batch's index). A logged "step" sets it.
+        self.log("step", float(self.global_step))
+
+    def on_validation_end(self) -> None:
+        # Only for the loggers: left in callback_metrics, a stale "step" would name checkpoints
+        # saved between evaluations.
+        self.trainer.callback_metrics.pop("step", None)
 
     test_step = validation_step
 
