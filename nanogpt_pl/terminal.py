@@ -10,6 +10,7 @@ from typing import Optional
 
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 from tqdm import tqdm
 
 from nanogpt_pl.module import EVAL_TAGS
@@ -43,15 +44,21 @@ class TrainingBar(TQDMProgressBar):
         self._restart_clock()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._loss = outputs["loss"]
+        if isinstance(outputs, dict) and "loss" in outputs:
+            self._loss = outputs["loss"]
         self._tokens += batch[0].numel()
         last = 0 < trainer.max_steps <= trainer.global_step
         if time.perf_counter() - self._last_draw >= self.refresh_seconds or last:
             self._draw(trainer)
 
+    @property
+    def validation_description(self) -> str:
+        return "estimating loss"
+
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        super().on_validation_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
-        self.val_progress_bar.set_description("estimating loss", refresh=False)
+        # Lightning's version names the dataloader ("... DataLoader 0"); there is only one.
+        if self.has_dataloader_changed(dataloader_idx):
+            self.val_progress_bar.reset(total=convert_inf(self.total_val_batches_current_dataloader))
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         val = trainer.callback_metrics.get(EVAL_TAGS["val"])
@@ -71,7 +78,8 @@ class TrainingBar(TQDMProgressBar):
         return metrics
 
     def _draw(self, trainer: L.Trainer) -> None:
-        self._loss_value = self._loss.item()  # the host sync, once per redraw
+        if self._loss is not None:
+            self._loss_value = self._loss.item()  # the host sync, once per redraw
         now = time.perf_counter()
         if self._tokens and now > self._since:
             self._tokens_per_sec = self._tokens * trainer.world_size / (now - self._since)
