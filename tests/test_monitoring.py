@@ -283,6 +283,16 @@ def test_monitoring_is_harmless_without_a_logger(tmp_path, small_text, capsys):
     assert re.search(line, capsys.readouterr().out, re.M)
 
 
+def test_checkpoints_between_evaluations_are_named_after_their_own_step(tmp_path, small_text):
+    # The evaluations log "step" for TensorBoard's x-axis; it must not linger for later saves.
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    every_step = ModelCheckpoint(tmp_path / "ckpt", filename="step{step}", every_n_train_steps=1, save_top_k=-1,
+                                 auto_insert_metric_name=False)
+    fit_tiny(small_text, tmp_path, callbacks=[every_step], enable_checkpointing=True, max_steps=5)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [f"step{i}.ckpt" for i in range(1, 6)]
+
+
 def test_no_dataloader_worker_warning_on_many_cores(tmp_path, monkeypatch, small_text):
     """Lightning warns about DataLoaders without workers on machines with more than two cores;
     pretend to be one and check that a run has no such warning to give."""
