@@ -76,8 +76,9 @@ class GPTModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         # The estimate after N optimizer steps belongs at step N of the loggers' x-axis; Lightning
         # would file it under N - 1 (the last training batch's index). A logged "step" sets it.
+        # (The same on every process; sync_dist only spares a warning under DDP.)
         if self.trainer.state.fn == "fit":
-            self.log("step", float(self.global_step))
+            self.log("step", float(self.global_step), sync_dist=True)
 
     def on_validation_end(self) -> None:
         # Only for the loggers: left in callback_metrics, a stale "step" would name checkpoints
