@@ -68,11 +68,16 @@ class TokenThroughput(L.Callback):
         )
         self._steps = self._samples = self._tokens = self._steps_at_update = 0
         self._flops_per_step: Optional[int] = None
-        self._paused = 0.0
-        self._t0 = time.perf_counter()
+        self._paused, self._pause_start = 0.0, None
+        self._t0: Optional[float] = None
         self._throughput.update(time=0.0, batches=0, samples=0, lengths=0, flops=0)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._throughput is None:
+            return
+        if self._t0 is None:  # the first batch: count its FLOPs, then start the clock
+            self._flops_per_step = training_flops(pl_module.model, *batch[0].shape)
+            self._t0 = time.perf_counter()
         if self._pause_start is not None:  # back from an evaluation
             self._paused += time.perf_counter() - self._pause_start
             self._pause_start = None
@@ -84,8 +89,6 @@ class TokenThroughput(L.Callback):
         self._steps += 1
         self._samples += x.size(0)
         self._tokens += x.numel()
-        if self._flops_per_step is None:
-            self._flops_per_step = training_flops(pl_module.model, *x.shape)
         step, every = trainer.global_step, trainer.log_every_n_steps
         last = 0 < trainer.max_steps <= step
         if not every or (step % every and not last):
