@@ -215,7 +215,9 @@ def _flatten(params: dict[str, Any], prefix: str = ""):
             continue
         if isinstance(value, dict):
             yield from _flatten(value, f"{prefix}{key}.")
-        elif isinstance(value, bool) or value is None:
-            yield f"{prefix}{key}", str(value).lower() if isinstance(value, bool) else "null"  # as in the YAML
+        elif isinstance(value, bool):  # TensorBoard would show 0.0 and 1.0; the YAML says true/false
+            yield f"{prefix}{key}", "true" if value else "false"
+        elif value is None:
+            yield f"{prefix}{key}", "null"
         else:
             yield f"{prefix}{key}", value if isinstance(value, (int, float, str)) else str(value)
