@@ -15,7 +15,9 @@ from jsonargparse import ArgumentError, auto_cli, set_parsing_settings
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from nanogpt_pl import checkpointing
 from nanogpt_pl.data import CharDataModule, vocab_size_of
 from nanogpt_pl.errors import UsageError
 from nanogpt_pl.model import GPTConfig
@@ -37,6 +39,8 @@ TRAINER_DEFAULTS = {
     "check_val_every_n_epoch": None,
     # A sanity pass would spend a full evaluation before step 0 and advance the eval sampler.
     "num_sanity_val_steps": 0,
+    # Checkpoints are written to a temporary file and renamed: a kill never leaves a truncated one.
+    "plugins": {"class_path": "nanogpt_pl.checkpointing.AtomicCheckpointIO"},
 }
 
 
@@ -80,7 +84,8 @@ class GPTCLI(LightningCLI):
         """Name the TensorBoard run after the config file (``configs/v7.yaml`` logs to ``tb_logs/v7``).
 
         Also: configs ask for bf16 mixed precision; a GPU without bf16 (before Ampere) gets fp16
-        mixed precision instead, which Lightning pairs with a gradient scaler.
+        mixed precision instead, which Lightning pairs with a gradient scaler. And find the
+        checkpoint ``--ckpt_path last`` stands for.
         """
         config = self.config[self.subcommand] if self.subcommand else self.config
         if str(config.trainer.precision) == "bf16-mixed" and _cuda_without_bf16(config.trainer.accelerator):
@@ -89,6 +94,26 @@ class GPTCLI(LightningCLI):
         if logger and getattr(logger, "init_args", None) is not None and logger.init_args.get("name") is None:
             files = config.get("config") or []
             logger.init_args.name = Path(str(files[-1])).stem if files else "nanogpt"
+        if config.get("ckpt_path") == "last":
+            self._resolve_last_checkpoint(config)
+
+    def _resolve_last_checkpoint(self, config) -> None:
+        """``--ckpt_path last``: the newest ``last.ckpt`` of this config's runs; ``fit`` continues that run.
+
+        Continuing means logging into the same version folder, so TensorBoard shows one run and the
+        next ``last`` finds the newest checkpoint. Without ``--ckpt_path``, ``fit`` always starts afresh.
+        """
+        init_args = getattr(config.trainer.logger, "init_args", None)
+        if config.checkpoint.dirpath:
+            last = checkpointing.find_last_checkpoint(Path(config.checkpoint.dirpath))
+        elif init_args is not None and init_args.get("save_dir") is not None and "version" in init_args:
+            # Lightning's checkpoints go to <save_dir>/<name>/<version>/checkpoints.
+            last = checkpointing.find_last_checkpoint(Path(init_args.save_dir) / init_args.name, "*/checkpoints/")
+            if self.subcommand == "fit":
+                init_args.version = last.parent.parent.name
+        else:  # no logger: <default_root_dir>/checkpoints
+            last = checkpointing.find_last_checkpoint(Path(config.trainer.default_root_dir or ".") / "checkpoints")
+        config.ckpt_path = str(last)
 
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
@@ -116,7 +141,8 @@ def cli(args=None, run: bool = True) -> GPTCLI:
         GPTModule,
         CharDataModule,
         seed_everything_default=1337,
-        trainer_defaults=TRAINER_DEFAULTS,
+        # Callbacks given here are always present; built per run since they hold its state.
+        trainer_defaults={**TRAINER_DEFAULTS, "callbacks": checkpointing.callbacks()},
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,  # the optimizer is model.optimizer, stated once
         # Parse errors raise instead of printing the whole usage; main() prints one line.
@@ -129,7 +155,7 @@ def cli(args=None, run: bool = True) -> GPTCLI:
 
 # Commands beyond Lightning's fit/validate/test: name -> "module:function", each function a
 # small CLI of its own (its signature and docstring are its arguments and --help).
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {"generate": "nanogpt_pl.generate:generate"}
 
 
 def _prog() -> str:
@@ -160,6 +186,8 @@ def main(args=None) -> None:
     except (UsageError, ArgumentError) as err:
         print(f"error: {_root_message(err)}", file=sys.stderr)
         sys.exit(2)
+    except SIGTERMException:  # stopped by SIGTERM or Ctrl-C, checkpoint written: not a finished run
+        sys.exit(1)
 
 
 def _root_message(err: BaseException) -> str:

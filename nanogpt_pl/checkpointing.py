@@ -1,0 +1,285 @@
+"""Checkpoints you can trust: exact resume, atomic writes, a clean stop on SIGTERM / Ctrl-C, no NaN saved.
+
+Lightning already saves the model, the optimizer, the loop counters and the datamodule's state (the
+block sampler's random streams and the vocabulary). What it leaves out, and what this module adds:
+
+- ``GlobalRandomState``: the global torch generator that dropout draws from, per process.
+- ``AtomicCheckpointIO``: a checkpoint appears complete under its name, or not at all.
+- ``GracefulStop``: SIGTERM and the first Ctrl-C finish the current step (and a running estimate),
+  write ``last.ckpt`` and exit; a second Ctrl-C quits at once.
+- ``NonFiniteLossGuard``: a NaN/inf training loss stops the run before anything overwrites the
+  last good checkpoint.
+- ``find_last_checkpoint``: what ``--ckpt_path last`` means on the command line.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from nanogpt_pl.errors import UsageError
+
+LAST = "last"  # ModelCheckpoint's name for the newest checkpoint: last.ckpt (last-v1.ckpt, ... on name clashes)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint to a temporary file in its own directory, then renames it into place.
+
+    A rename within one directory is atomic, so a process killed at any moment leaves either the
+    previous complete ``last.ckpt`` or the new one. (Lightning's default stages the file in the
+    system temp directory, whose move onto another file system is a copy that a kill can cut short.)
+    Remote paths keep Lightning's own writer.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # One fixed name per target: a file left by a killed writer is simply overwritten next time.
+        partial = path.with_name(f".{path.name}.partial")
+        with open(partial, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes reach the disk before the name points at them
+        os.replace(partial, path)
+        _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class GlobalRandomState(Callback):
+    """Carries the global torch random state, which dropout draws from, through checkpoints.
+
+    Restored at the first training step after a resume rather than on load: Lightning draws from
+    the same generator when it creates the training dataloader's iterator, which an uninterrupted
+    run did long before. Each process has its own state (different dropout masks per rank), so all
+    of them are gathered into the checkpoint.
+    """
+
+    def __init__(self) -> None:
+        self._device: Optional[torch.device] = None
+        self._world_size = 1
+        self._pending: Optional[list[dict]] = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._device, self._world_size = trainer.strategy.root_device, trainer.world_size
+        self._pending = None
+
+    def _local_state(self) -> dict:
+        state = {"cpu": torch.get_rng_state()}
+        if self._device is not None and self._device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self._device)
+        return state
+
+    def state_dict(self) -> dict:
+        # Every process builds the checkpoint (only global rank 0 writes it), so gathering is safe here.
+        states = [self._local_state()]
+        if self._world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            states = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(states, self._local_state())
+        return {"per_rank": states}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._pending = state_dict["per_rank"]
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._pending is None:
+            return
+        states, self._pending = self._pending, None
+        if len(states) != trainer.world_size:
+            rank_zero_warn(
+                f"the checkpoint holds the random state of {len(states)} processes, this run has "
+                f"{trainer.world_size}: dropout masks will differ from those of an uninterrupted run."
+            )
+            return
+        state = states[trainer.global_rank]
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state and self._device is not None and self._device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], self._device)
+
+
+class GracefulStop(Callback):
+    """SIGTERM or Ctrl-C: finish the step, write ``last.ckpt``, exit. A second Ctrl-C quits at once.
+
+    Lightning itself stops at the end of a step when it receives SIGTERM; Ctrl-C is handed to that
+    same path, and a signal that arrives during a loss estimate waits until the estimate is done, so
+    the checkpoint is written at a point an uninterrupted run also passes through and resuming from
+    it is exact. (A stop in the middle of a step or an estimate could not be resumed exactly, and
+    Lightning's own Ctrl-C handling saves nothing.)
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self._trainer: Optional[L.Trainer] = None
+        self._lightning_handler = None
+        self._previous: dict[int, Any] = {}
+        self._received: Optional[int] = None
+        self._deferred = False
+        self._saving = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning has installed its SIGTERM handler by now; ours goes in front of it.
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self._trainer, self._received, self._deferred = trainer, None, False
+        self._lightning_handler = signal.getsignal(signal.SIGTERM)
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self._received is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt  # the second Ctrl-C: quit now, without a checkpoint
+            return
+        self._received = signum
+        _say(
+            f"received {signal.Signals(signum).name}: stopping at the end of this step and writing a "
+            "checkpoint (press Ctrl-C again to quit at once, without one)."
+        )
+        if self._trainer.validating:
+            self._deferred = True  # let the running loss estimate finish first
+        else:
+            self._forward(signum, frame)
+
+    def _forward(self, signum: int, frame) -> None:
+        if callable(self._lightning_handler):
+            self._lightning_handler(signal.SIGTERM, frame)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._deferred:
+            self._deferred = False
+            self._forward(signal.SIGTERM, None)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        # Lightning stops after the step's logging counter has advanced, while its own checkpoints
+        # (written at the end of an estimate) hold it one lower and resuming adds the one back. Match
+        # them, or the resumed run would log every step one place to the right.
+        if self._saving:
+            counters = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
+            if "_batches_that_stepped" in counters:
+                counters["_batches_that_stepped"] -= 1
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_handlers()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore_handlers()
+        if not isinstance(exception, SIGTERMException):
+            return
+        checkpoint = trainer.checkpoint_callback
+        if checkpoint is None or checkpoint.dirpath is None:
+            _say(f"stopped at step {trainer.global_step}; checkpointing is off, so nothing was saved.")
+            return
+        path = os.path.join(checkpoint.dirpath, LAST + checkpoint.FILE_EXTENSION)
+        self._saving = True
+        try:
+            trainer.save_checkpoint(path, weights_only=False)
+        finally:
+            self._saving = False
+        checkpoint.last_model_path = path
+        _say(f"stopped at step {trainer.global_step}; saved {path}. Continue with: fit ... --ckpt_path last")
+
+
+class NonFiniteLossGuard(Callback):
+    """Stops training at a NaN or infinite loss, naming the step, before a checkpoint could hold it.
+
+    The loss is checked on the device and the verdict read back only where the host waits anyway
+    (every step on a CPU, every ``log_every_n_steps`` otherwise) and, always, before an estimate
+    and before any checkpoint is written: ``last.ckpt`` keeps the last good state.
+    """
+
+    def __init__(self) -> None:
+        self._first_bad_step: Optional[torch.Tensor] = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._first_bad_step = torch.tensor(-1, device=pl_module.device)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is None or self._first_bad_step is None:
+            return
+        bad = ~torch.isfinite(loss.detach())
+        # trainer.global_step now counts the step just taken: "step N" is the N-th optimizer step.
+        self._first_bad_step = torch.where(bad & (self._first_bad_step < 0), trainer.global_step, self._first_bad_step)
+        if loss.device.type == "cpu" or trainer.global_step % trainer.log_every_n_steps == 0:
+            self._check(trainer)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check(trainer)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self._check(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._first_bad_step = None
+
+    def _check(self, trainer: L.Trainer) -> None:
+        if self._first_bad_step is None:
+            return
+        step = int(self._first_bad_step.item())
+        if step < 0:
+            return
+        self._first_bad_step = None  # report once
+        last = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
+        raise UsageError(
+            f"the training loss is not finite (NaN or inf) at step {step}; training stopped and {kept}. "
+            "Lower the learning rate (model.optimizer.init_args.lr) or check the data."
+        )
+
+
+def callbacks() -> list[Callback]:
+    """The callbacks every training run of the command line gets (fresh instances per run)."""
+    return [GlobalRandomState(), GracefulStop(), NonFiniteLossGuard()]
+
+
+@rank_zero_only
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def find_last_checkpoint(directory: Path, subdirectories: str = "") -> Path:
+    """The most recently written ``last*.ckpt`` in ``directory`` (or in its ``subdirectories`` pattern).
+
+    On the command line the directory is the logger's ``<save_dir>/<name>`` (``tb_logs/v2``) and the
+    pattern ``*/checkpoints/``: every fresh ``fit`` gets a new version folder there, and
+    ``--ckpt_path last`` picks the run whose ``last.ckpt`` was written last.
+    """
+    pattern = f"{subdirectories}{LAST}*.ckpt"
+    candidates = list(directory.glob(pattern)) if directory.is_dir() else []
+    if not candidates:
+        raise UsageError(
+            f"--ckpt_path last: no checkpoint matches {directory / pattern}; start a fresh run without "
+            "--ckpt_path, or pass the path of a .ckpt file."
+        )
+    return max(candidates, key=lambda p: p.stat().st_mtime)

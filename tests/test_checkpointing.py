@@ -1,0 +1,195 @@
+"""Resume is exact, kills never corrupt last.ckpt, SIGTERM/Ctrl-C save, a NaN loss stops cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import REPO
+from nanogpt_pl.cli import cli, main
+from nanogpt_pl.errors import UsageError
+
+CONFIG = str(REPO / "configs" / "v7.yaml")  # the config with dropout: resume must restore its masks
+
+
+def small_v7(data: Path, *extra: str, steps: int = 60, n_embd: int = 32, n_layer: int = 2) -> list[str]:
+    """v7 shrunk to milliseconds per step, dropout kept, fp32, every step logged."""
+    return [
+        "--config", CONFIG, "--data.data_path", str(data),
+        "--model.config.n_embd", str(n_embd), "--model.config.n_head", "2", "--model.config.n_layer", str(n_layer),
+        "--data.block_size", "16", "--data.batch_size", "8", "--data.eval_iters", "3",
+        "--trainer.max_steps", str(steps), "--trainer.val_check_interval", "10",
+        "--trainer.precision", "32", "--trainer.accelerator", "cpu",
+        "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+        *extra,
+    ]
+
+
+def popen_fit(args: list[str], cwd: Path) -> subprocess.Popen:
+    """``python -m nanogpt_pl fit ARGS`` in the background; its stderr goes to ``cwd/stderr.txt``."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with open(cwd / "stderr.txt", "w") as err:
+        return subprocess.Popen(
+            [sys.executable, "-m", "nanogpt_pl", "fit", *args],
+            cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err,
+        )
+
+
+def finish(process: subprocess.Popen, cwd: Path) -> str:
+    """Wait for the process to exit; its stderr."""
+    process.wait(timeout=120)
+    return (cwd / "stderr.txt").read_text()
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 120, poll: float = 0.001) -> None:
+    """Poll ``condition`` until it holds; fail with the process's output if it exits first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            pytest.fail(f"training exited (rc {process.returncode}) before the awaited moment")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("timed out waiting for the training process")
+        time.sleep(poll)
+
+
+def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
+    """Every logged scalar by tag and step; event files are read oldest first, so a resumed run's
+    values replace what the interrupted run logged after its checkpoint."""
+    merged: dict[str, dict[int, float]] = {}
+    for events in sorted(run_dir.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            merged.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
+    return merged
+
+
+def assert_same_run(resumed: dict, uninterrupted: dict) -> None:
+    for tag in ("train/loss", "train/loss_eval", "val/loss"):
+        assert resumed[tag] == uninterrupted[tag], f"{tag} differs after resuming"
+
+
+def test_resume_is_exact_after_ctrl_c_and_after_a_normal_stop(small_text, tmp_path, monkeypatch):
+    ref, interrupted, stopped = (tmp_path / name for name in ("ref", "interrupted", "stopped"))
+    for d in (ref, interrupted, stopped):
+        d.mkdir()
+
+    monkeypatch.chdir(ref)
+    main(["fit", *small_v7(small_text)])
+    expected = scalars(ref / "tb_logs/v7/version_0")
+    assert len(expected["train/loss"]) == 60 and len(expected["val/loss"]) == 6
+
+    # Ctrl-C at an arbitrary moment after the first checkpoint: the step finishes, last.ckpt is
+    # written, the process exits non-zero; `--ckpt_path last` then finishes the same run.
+    proc = popen_fit(small_v7(small_text), interrupted)
+    last = interrupted / "tb_logs/v7/version_0/checkpoints/last.ckpt"
+    wait_for(last.exists, proc)
+    proc.send_signal(signal.SIGINT)
+    err = finish(proc, interrupted)
+    assert proc.returncode == 1, err[-3000:]
+    assert "saved" in err and "--ckpt_path last" in err
+    stopped_at = torch.load(last, weights_only=True)["global_step"]
+    assert 10 <= stopped_at < 60, "the run must stop mid-way for this test to mean anything"
+
+    monkeypatch.chdir(interrupted)
+    main(["fit", *small_v7(small_text), "--ckpt_path", "last"])
+    assert not (interrupted / "tb_logs/v7/version_1").exists(), "resuming continues the same run"
+    assert_same_run(scalars(interrupted / "tb_logs/v7/version_0"), expected)
+
+    # A run that ended at step 20 (checkpoint written after that step's estimate), resumed to 60.
+    monkeypatch.chdir(stopped)
+    main(["fit", *small_v7(small_text, steps=20)])
+    main(["fit", *small_v7(small_text), "--ckpt_path", "last"])
+    assert_same_run(scalars(stopped / "tb_logs/v7/version_0"), expected)
+
+
+def test_kills_during_saves_and_sigterm_leave_a_loadable_last_checkpoint(small_text, tmp_path, monkeypatch):
+    # A checkpoint every step, of a model large enough (several MB with AdamW's state) that a
+    # kill can be timed to land while one is being written.
+    def args(steps: int) -> list[str]:
+        return small_v7(
+            small_text, "--checkpoint.every_n_train_steps", "1", "--checkpoint.save_top_k", "0",
+            "--trainer.val_check_interval", "1000", steps=steps, n_embd=128, n_layer=4,
+        )
+
+    checkpoints = tmp_path / "tb_logs/v7/version_0/checkpoints"
+    last, partial = checkpoints / "last.ckpt", checkpoints / ".last.ckpt.partial"
+    steps = []
+    for round_ in range(3):
+        proc = popen_fit(args(100_000) + (["--ckpt_path", "last"] if round_ else []), tmp_path)
+        wait_for(lambda: steps_after(last, steps), proc, poll=0.01)  # this process has saved
+        if round_ < 2:
+            wait_for(partial.exists, proc)  # a save is in progress
+            proc.kill()
+            proc.wait()
+            assert partial.exists(), "the kill landed while a checkpoint was half written"
+        else:
+            proc.send_signal(signal.SIGTERM)
+            err = finish(proc, tmp_path)
+            assert proc.returncode == 1 and "saved" in err, err[-3000:]
+        checkpoint = torch.load(last, weights_only=True)  # complete and readable
+        assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
+        steps.append(checkpoint["global_step"])
+
+    monkeypatch.chdir(tmp_path)
+    main(["fit", *args(steps[-1] + 2), "--ckpt_path", "last"])
+    assert torch.load(last, weights_only=True)["global_step"] == steps[-1] + 2
+
+
+def steps_after(last: Path, steps: list[int]) -> bool:
+    """Whether ``last`` exists and is past the previous round's step (this round has trained and saved)."""
+    if not last.exists():
+        return False
+    if not steps:
+        return True
+    try:
+        return torch.load(last, weights_only=True, mmap=True)["global_step"] > steps[-1]
+    except Exception:  # being replaced right now
+        return False
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(small_text, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = cli(small_v7(small_text, "--trainer.val_check_interval", "2", steps=10), run=False)
+    training_step = run.model.training_step
+
+    def poisoned(batch, batch_idx):
+        loss = training_step(batch, batch_idx)
+        return loss * float("nan") if run.trainer.global_step == 4 else loss  # the 5th step
+
+    run.model.training_step = poisoned
+    with pytest.raises(UsageError, match=r"not finite .* at step 5;.*last\.ckpt"):
+        run.trainer.fit(run.model, datamodule=run.datamodule)
+    checkpoint = torch.load(tmp_path / "tb_logs/v7/version_0/checkpoints/last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
+
+
+def test_fresh_fit_never_resumes_and_last_needs_a_checkpoint(small_text, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *small_v7(small_text, steps=4), "--ckpt_path", "last"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: --ckpt_path last: no checkpoint matches") and len(err) == 1
+
+    main(["fit", *small_v7(small_text, steps=4)])
+    first = torch.load(tmp_path / "tb_logs/v7/version_0/checkpoints/last.ckpt", weights_only=True)
+    # The same command again, in the same log directory: a new run from step 0 (the saved config
+    # does not block it), and the first run's checkpoint is untouched.
+    main(["fit", *small_v7(small_text, steps=4)])
+    second = scalars(tmp_path / "tb_logs/v7/version_1")
+    assert min(second["train/loss"].keys()) == 0 and (tmp_path / "tb_logs/v7/version_1/config.yaml").exists()
+    again = torch.load(tmp_path / "tb_logs/v7/version_0/checkpoints/last.ckpt", weights_only=True)
+    assert again["global_step"] == first["global_step"] == 4
+    assert all(torch.equal(again["state_dict"][k], v) for k, v in first["state_dict"].items())
