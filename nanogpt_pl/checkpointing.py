@@ -5,6 +5,7 @@ block sampler's random streams and the vocabulary). What it leaves out, and what
 
 - ``GlobalRandomState``: the global torch generator that dropout draws from, per process.
 - ``AtomicCheckpointIO``: a checkpoint appears complete under its name, or not at all.
+- ``LastCheckpoint``: ``last.ckpt`` follows every estimate, not only the improving ones.
 - ``GracefulStop``: SIGTERM and the first Ctrl-C finish the current step (and a running estimate),
   write ``last.ckpt`` and exit; a second Ctrl-C quits at once.
 - ``NonFiniteLossGuard``: a NaN/inf training loss stops the run before anything overwrites the
@@ -25,7 +26,7 @@ import lightning as L
 import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -69,6 +70,21 @@ def _fsync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint``, except that ``last.ckpt`` is rewritten after every estimate.
+
+    Recent Lightning versions write ``last.ckpt`` only when a best-k checkpoint is written too, so
+    once the validation loss stops improving it would fall behind the run and resuming from it
+    would repeat (and lose) training.
+    """
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        # Nothing to do where the parent has just saved (then the step counts as saved).
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer) and not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class GlobalRandomState(Callback):

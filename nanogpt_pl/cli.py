@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from jsonargparse import ArgumentError, auto_cli, set_parsing_settings
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -61,7 +61,7 @@ class GPTCLI(LightningCLI):
             "model.config.vocab_size",
             compute_fn=vocab_size_of,
         )
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(checkpointing.LastCheckpoint, "checkpoint")
         parser.add_lightning_class_args(TextSample, "sample")
         parser.set_defaults(
             {
@@ -114,7 +114,6 @@ class GPTCLI(LightningCLI):
         else:  # no logger: <default_root_dir>/checkpoints
             last = checkpointing.find_last_checkpoint(Path(config.trainer.default_root_dir or ".") / "checkpoints")
         config.ckpt_path = str(last)
-
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         """Lightning's trainer with this project's monitoring: TensorBoard scalars, the bar, the summary."""

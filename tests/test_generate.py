@@ -1,0 +1,120 @@
+"""``generate``: sampling from nothing but a checkpoint, reproducibly, with one-line errors."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, SHAKESPEARE, run_cli
+from nanogpt_pl.cli import main
+from nanogpt_pl.data import CharTokenizer
+from nanogpt_pl.generate import SAMPLE_SEPARATOR, sample
+from nanogpt_pl.model import GPT, GPTConfig
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """last.ckpt of a few steps of a small v7 (dropout on), written by the command line."""
+    root = tmp_path_factory.mktemp("trained")
+    text = root / "small.txt"
+    text.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    result = run_cli(
+        "fit", "--config", str(REPO / "configs/v7.yaml"), "--data.data_path", str(text),
+        "--model.config.n_embd", "32", "--model.config.n_head", "2", "--model.config.n_layer", "2",
+        "--data.block_size", "16", "--data.batch_size", "8", "--data.eval_iters", "2",
+        "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trainer.precision", "32",
+        "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+        cwd=root,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "tb_logs/v7/version_0/checkpoints/last.ckpt"
+
+
+def generate(capsys, *args: str) -> str:
+    capsys.readouterr()
+    main(["generate", *args])
+    return capsys.readouterr().out
+
+
+ROMEO = ["--prompt", "ROMEO:", "--max_new_tokens", "40", "--temperature", "0.8", "--top_k", "40", "--num_samples", "3"]
+
+
+def test_a_cli_checkpoint_alone_generates_reproducibly(checkpoint, tmp_path, capsys):
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(checkpoint, alone / "model.ckpt")  # no config, no data file, no log directory
+    result = subprocess.run(
+        [sys.executable, "-m", "nanogpt_pl", "generate", "--ckpt_path", "model.ckpt", *ROMEO, "--seed", "1"],
+        cwd=alone, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    samples = result.stdout.rstrip("\n").split(f"\n{SAMPLE_SEPARATOR}\n")
+    assert len(samples) == 3
+    assert all(s.startswith("ROMEO:") and len(s) == len("ROMEO:") + 40 for s in samples)
+    assert len(set(samples)) == 3
+
+    # The same seed gives the same text, in another process too; another seed, other text.
+    assert generate(capsys, "--ckpt_path", str(alone / "model.ckpt"), *ROMEO, "--seed", "1") == result.stdout
+    assert generate(capsys, "--ckpt_path", str(alone / "model.ckpt"), *ROMEO, "--seed", "2") != result.stdout
+
+
+def test_an_empty_prompt_starts_from_a_newline(checkpoint, capsys):
+    out = generate(capsys, "--ckpt_path", str(checkpoint), "--max_new_tokens", "7", "--seed", "0")
+    assert out.startswith("\n") and len(out) == 1 + 7 + 1  # the newline, 7 characters, print's newline
+
+
+def test_a_compiled_model_checkpoint_loads_the_same(checkpoint, tmp_path, capsys):
+    # torch.compile wraps the module: its keys gain an "_orig_mod." segment.
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt["state_dict"] = {k.replace("model.", "model._orig_mod.", 1): v for k, v in ckpt["state_dict"].items()}
+    compiled = tmp_path / "compiled.ckpt"
+    torch.save(ckpt, compiled)
+    args = ["--max_new_tokens", "30", "--seed", "3"]
+    assert generate(capsys, "--ckpt_path", str(compiled), *args) == generate(capsys, "--ckpt_path", str(checkpoint), *args)
+
+
+def bad_inputs(checkpoint, tmp_path):
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {"weight": torch.zeros(2)}, "epoch": 3}, foreign)
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint\n")
+    ckpt = str(checkpoint)
+    return {
+        "prompt outside the vocabulary": (["--ckpt_path", ckpt, "--prompt", "ROMEO: ☃é"], "'é', '☃'; drop them"),
+        "not this project's checkpoint": (["--ckpt_path", str(foreign)], "is not a nanogpt_pl checkpoint"),
+        "truncated file": (["--ckpt_path", str(truncated)], "truncated, corrupt or not a checkpoint"),
+        "text file": (["--ckpt_path", str(text)], "truncated, corrupt or not a checkpoint"),
+        "missing file": (["--ckpt_path", str(tmp_path / "nope.ckpt")], "checkpoint not found"),
+        "max_new_tokens 0": (["--ckpt_path", ckpt, "--max_new_tokens", "0"], "max_new_tokens must be at least 1"),
+        "max_new_tokens < 0": (["--ckpt_path", ckpt, "--max_new_tokens", "-5"], "max_new_tokens must be at least 1"),
+        "temperature 0": (["--ckpt_path", ckpt, "--temperature", "0"], "temperature must be positive"),
+    }
+
+
+def test_bad_input_is_one_line_and_a_nonzero_exit(checkpoint, tmp_path, capsys):
+    for case, (args, expected) in bad_inputs(checkpoint, tmp_path).items():
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            main(["generate", *args])
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert exit_info.value.code == 2, case
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], (case, captured.err)
+        assert captured.out == "", case
+
+
+def test_sample_restores_training_mode_and_follows_its_generator():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=5, block_size=4, n_embd=8, n_head=2, n_layer=1, dropout=0.5))
+    tokenizer = CharTokenizer("\nabcd")
+    model.train()
+    draw = lambda seed: sample(model, tokenizer, "ab", 10, top_k=3, num_samples=2, generator=torch.Generator().manual_seed(seed))
+    first = draw(7)
+    assert model.training  # usable in the middle of training
+    assert first == draw(7) and all(s.startswith("ab") and len(s) == 12 for s in first)
