@@ -142,10 +142,9 @@ class GracefulStop(Callback):
     """SIGTERM or Ctrl-C: finish the step, write ``last.ckpt``, exit. A second Ctrl-C quits at once.
 
     Lightning itself stops at the end of a step when it receives SIGTERM; Ctrl-C is handed to that
-    same path, and a signal that arrives during a loss estimate waits until the estimate is done, so
-    the checkpoint is written at a point an uninterrupted run also passes through and resuming from
-    it is exact. (A stop in the middle of a step or an estimate could not be resumed exactly, and
-    Lightning's own Ctrl-C handling saves nothing.)
+    same path. Lightning would also abandon a loss estimate half-way, leaving a state no
+    uninterrupted run passes through; here the estimate finishes first, so resuming is exact.
+    (Lightning's own Ctrl-C handling stops mid-step and saves nothing.)
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -155,14 +154,14 @@ class GracefulStop(Callback):
         self._lightning_handler = None
         self._previous: dict[int, Any] = {}
         self._received: Optional[int] = None
-        self._deferred = False
+        self._validated_at = -1
         self._saving = False
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning has installed its SIGTERM handler by now; ours goes in front of it.
+        self._trainer, self._received, self._validated_at = trainer, None, -1
         if threading.current_thread() is not threading.main_thread():
             return
-        self._trainer, self._received, self._deferred = trainer, None, False
         self._lightning_handler = signal.getsignal(signal.SIGTERM)
         for signum in self.SIGNALS:
             self._previous[signum] = signal.signal(signum, self._handle)
@@ -177,25 +176,23 @@ class GracefulStop(Callback):
             f"received {signal.Signals(signum).name}: stopping at the end of this step and writing a "
             "checkpoint (press Ctrl-C again to quit at once, without one)."
         )
-        if self._trainer.validating:
-            self._deferred = True  # let the running loss estimate finish first
-        else:
-            self._forward(signum, frame)
+        if not self._trainer.validating and callable(self._lightning_handler):
+            self._lightning_handler(signal.SIGTERM, frame)  # during an estimate: on_validation_end
 
-    def _forward(self, signum: int, frame) -> None:
-        if callable(self._lightning_handler):
-            self._lightning_handler(signal.SIGTERM, frame)
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.received_sigterm:  # hold Lightning's stop until the estimate is complete
+            trainer._signal_connector.received_sigterm = False
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._deferred:
-            self._deferred = False
-            self._forward(signal.SIGTERM, None)
+        self._validated_at = trainer.global_step
+        if self._received is not None:
+            trainer._signal_connector.received_sigterm = True  # Lightning stops at the end of the step
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        # Lightning stops after the step's logging counter has advanced, while its own checkpoints
-        # (written at the end of an estimate) hold it one lower and resuming adds the one back. Match
-        # them, or the resumed run would log every step one place to the right.
-        if self._saving:
+        # After a step with an estimate, Lightning's resume counts one more step for its logger
+        # than after other steps (it expects such checkpoints from the estimate's end, before the
+        # count advanced). Hold the count there, or the resumed run would log one step to the right.
+        if self._saving and self._validated_at == trainer.global_step:
             counters = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
             if "_batches_that_stepped" in counters:
                 counters["_batches_that_stepped"] -= 1

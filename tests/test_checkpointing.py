@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import REPO
@@ -20,7 +22,7 @@ from nanogpt_pl.errors import UsageError
 CONFIG = str(REPO / "configs" / "v7.yaml")  # the config with dropout: resume must restore its masks
 
 
-def small_v7(data: Path, *extra: str, steps: int = 60, n_embd: int = 32, n_layer: int = 2) -> list[str]:
+def small_v7(data: Path, *extra: str, steps: int = 30, n_embd: int = 32, n_layer: int = 2) -> list[str]:
     """v7 shrunk to milliseconds per step, dropout kept, fp32, every step logged."""
     return [
         "--config", CONFIG, "--data.data_path", str(data),
@@ -79,38 +81,50 @@ def assert_same_run(resumed: dict, uninterrupted: dict) -> None:
         assert resumed[tag] == uninterrupted[tag], f"{tag} differs after resuming"
 
 
-def test_resume_is_exact_after_ctrl_c_and_after_a_normal_stop(small_text, tmp_path, monkeypatch):
-    ref, interrupted, stopped = (tmp_path / name for name in ("ref", "interrupted", "stopped"))
-    for d in (ref, interrupted, stopped):
-        d.mkdir()
+class SignalAt(Callback):
+    """Sends ``signum`` to this process at ``step``: in the training step, or during its estimate."""
 
-    monkeypatch.chdir(ref)
+    def __init__(self, signum: int, step: int, during_estimate: bool) -> None:
+        self.signum, self.step, self.during_estimate = signum, step, during_estimate
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if not self.during_estimate and trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+    def on_validation_batch_end(self, trainer, *args) -> None:
+        if self.during_estimate and trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+def test_resume_is_exact_after_sigterm_ctrl_c_or_a_finished_run(small_text, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
     main(["fit", *small_v7(small_text)])
-    expected = scalars(ref / "tb_logs/v7/version_0")
-    assert len(expected["train/loss"]) == 60 and len(expected["val/loss"]) == 6
+    expected = scalars(tmp_path / "tb_logs/v7/version_0")
+    assert len(expected["train/loss"]) == 30 and len(expected["val/loss"]) == 3
 
-    # Ctrl-C at an arbitrary moment after the first checkpoint: the step finishes, last.ckpt is
-    # written, the process exits non-zero; `--ckpt_path last` then finishes the same run.
-    proc = popen_fit(small_v7(small_text), interrupted)
-    last = interrupted / "tb_logs/v7/version_0/checkpoints/last.ckpt"
-    wait_for(last.exists, proc)
-    proc.send_signal(signal.SIGINT)
-    err = finish(proc, interrupted)
-    assert proc.returncode == 1, err[-3000:]
-    assert "saved" in err and "--ckpt_path last" in err
-    stopped_at = torch.load(last, weights_only=True)["global_step"]
-    assert 10 <= stopped_at < 60, "the run must stop mid-way for this test to mean anything"
+    # Stopped by a signal at step 13 (no estimate), during step 20 (an estimate follows), or
+    # during step 10's estimate; then `--ckpt_path last` continues the same run to step 30.
+    for signum, step, during_estimate in [
+        (signal.SIGTERM, 13, False), (signal.SIGINT, 20, False), (signal.SIGTERM, 10, True),
+    ]:
+        run_dir = tmp_path / f"stopped_{step}"
+        run_dir.mkdir()
+        monkeypatch.chdir(run_dir)
+        run = cli(small_v7(small_text), run=False)
+        run.trainer.callbacks.append(SignalAt(signum, step, during_estimate))
+        with pytest.raises(SystemExit):
+            run.trainer.fit(run.model, datamodule=run.datamodule)
+        assert f"stopped at step {step}; saved" in capsys.readouterr().err
+        main(["fit", *small_v7(small_text), "--ckpt_path", "last"])
+        assert not (run_dir / "tb_logs/v7/version_1").exists(), "resuming continues the same run"
+        assert_same_run(scalars(run_dir / "tb_logs/v7/version_0"), expected)
 
-    monkeypatch.chdir(interrupted)
-    main(["fit", *small_v7(small_text), "--ckpt_path", "last"])
-    assert not (interrupted / "tb_logs/v7/version_1").exists(), "resuming continues the same run"
-    assert_same_run(scalars(interrupted / "tb_logs/v7/version_0"), expected)
-
-    # A run that ended at step 20 (checkpoint written after that step's estimate), resumed to 60.
-    monkeypatch.chdir(stopped)
+    # A run that finished at step 20 (its checkpoint written after that step's estimate), resumed to 30.
+    monkeypatch.chdir(tmp_path / "stopped_20")
+    shutil.rmtree("tb_logs")
     main(["fit", *small_v7(small_text, steps=20)])
     main(["fit", *small_v7(small_text), "--ckpt_path", "last"])
-    assert_same_run(scalars(stopped / "tb_logs/v7/version_0"), expected)
+    assert_same_run(scalars(tmp_path / "stopped_20/tb_logs/v7/version_0"), expected)
 
 
 def test_kills_during_saves_and_sigterm_leave_a_loadable_last_checkpoint(small_text, tmp_path, monkeypatch):
@@ -180,8 +194,8 @@ def test_fresh_fit_never_resumes_and_last_needs_a_checkpoint(small_text, tmp_pat
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", *small_v7(small_text, steps=4), "--ckpt_path", "last"])
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: --ckpt_path last: no checkpoint matches") and len(err) == 1
+    err = capsys.readouterr().err
+    assert "error: --ckpt_path last: no checkpoint matches tb_logs/v7/*/checkpoints/last*.ckpt" in err
 
     main(["fit", *small_v7(small_text, steps=4)])
     first = torch.load(tmp_path / "tb_logs/v7/version_0/checkpoints/last.ckpt", weights_only=True)
