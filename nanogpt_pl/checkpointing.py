@@ -83,7 +83,9 @@ class LastCheckpoint(ModelCheckpoint):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
         # Nothing to do where the parent has just saved (then the step counts as saved).
-        if self.save_last and not self._should_skip_saving_checkpoint(trainer) and not self._should_save_on_train_epoch_end(trainer):
+        if not self.save_last or self._should_save_on_train_epoch_end(trainer):
+            return
+        if not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
@@ -122,7 +124,9 @@ class GlobalRandomState(Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self._pending = state_dict["per_rank"]
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._pending is None:
             return
         states, self._pending = self._pending, None

@@ -38,7 +38,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     """The model (in eval mode, on ``device``) and tokenizer of a ``fit`` checkpoint; one-line errors."""
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"checkpoint not found: {path} (pass a .ckpt file written by fit, e.g. .../checkpoints/last.ckpt).")
+        raise UsageError(
+            f"checkpoint not found: {path} (pass a .ckpt file written by fit, e.g. .../checkpoints/last.ckpt)."
+        )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # torch raises many kinds here: zip, pickle, EOF, OS and runtime errors
@@ -64,7 +66,9 @@ def check_sampling_args(max_new_tokens: int, temperature: float, top_k: Optional
     if max_new_tokens < 1:
         raise UsageError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
     if not temperature > 0:
-        raise UsageError(f"temperature must be positive, got {temperature} (use e.g. 0.8, or 1.0 for the model's own distribution).")
+        raise UsageError(
+            f"temperature must be positive, got {temperature} (e.g. 0.8; 1.0 samples the model's own distribution)."
+        )
     if top_k is not None and top_k < 1:
         raise UsageError(f"top_k must be at least 1, got {top_k} (or leave it unset to sample from all tokens).")
     if num_samples < 1:

@@ -53,7 +53,7 @@ def finish(process: subprocess.Popen, cwd: Path) -> str:
 
 
 def wait_for(condition, process: subprocess.Popen, timeout: float = 120, poll: float = 0.001) -> None:
-    """Poll ``condition`` until it holds; fail with the process's output if it exits first."""
+    """Poll ``condition`` until it holds; fail if the process exits or takes too long first."""
     deadline = time.monotonic() + timeout
     while not condition():
         if process.poll() is not None:
@@ -132,8 +132,9 @@ def test_kills_during_saves_and_sigterm_leave_a_loadable_last_checkpoint(small_t
     # kill can be timed to land while one is being written.
     def args(steps: int) -> list[str]:
         return small_v7(
-            small_text, "--checkpoint.every_n_train_steps", "1", "--checkpoint.monitor", "null", "--checkpoint.save_top_k", "0",
-            "--trainer.val_check_interval", "1000", steps=steps, n_embd=128, n_layer=4,
+            small_text, "--checkpoint.every_n_train_steps", "1", "--checkpoint.monitor", "null",
+            "--checkpoint.save_top_k", "0", "--trainer.val_check_interval", "1000",
+            steps=steps, n_embd=128, n_layer=4,
         )
 
     checkpoints = tmp_path / "tb_logs/v7/version_0/checkpoints"

@@ -78,7 +78,8 @@ def test_a_compiled_model_checkpoint_loads_the_same(checkpoint, tmp_path, capsys
     compiled = tmp_path / "compiled.ckpt"
     torch.save(ckpt, compiled)
     args = ["--max_new_tokens", "30", "--seed", "3"]
-    assert generate(capsys, "--ckpt_path", str(compiled), *args) == generate(capsys, "--ckpt_path", str(checkpoint), *args)
+    original = generate(capsys, "--ckpt_path", str(checkpoint), *args)
+    assert generate(capsys, "--ckpt_path", str(compiled), *args) == original
 
 
 def bad_inputs(checkpoint, tmp_path):
@@ -118,7 +119,10 @@ def test_sample_restores_training_mode_and_follows_its_generator():
     model = GPT(GPTConfig(vocab_size=5, block_size=4, n_embd=8, n_head=2, n_layer=1, dropout=0.5))
     tokenizer = CharTokenizer("\nabcd")
     model.train()
-    draw = lambda seed: sample(model, tokenizer, "ab", 10, top_k=3, num_samples=2, generator=torch.Generator().manual_seed(seed))
+
+    def draw(seed: int) -> list[str]:
+        return sample(model, tokenizer, "ab", 10, top_k=3, num_samples=2, generator=torch.Generator().manual_seed(seed))
+
     first = draw(7)
     assert model.training  # usable in the middle of training
     assert first == draw(7) and all(s.startswith("ab") and len(s) == 12 for s in first)
