@@ -179,7 +179,8 @@ def main(args=None) -> None:
     try:
         if argv and argv[0] in COMMANDS:
             module, function = COMMANDS[argv[0]].split(":")
-            auto_cli(getattr(importlib.import_module(module), function), args=argv[1:], exit_on_error=False)
+            command = getattr(importlib.import_module(module), function)
+            auto_cli(command, args=argv[1:], exit_on_error=False, prog=f"{_prog()} {argv[0]}")
         else:
             cli(args)
     except (UsageError, ArgumentError) as err:

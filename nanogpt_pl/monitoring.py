@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.tensorboard.summary import hparams
 
 from nanogpt_pl.errors import UsageError
+from nanogpt_pl.generate import sample
 from nanogpt_pl.model import GPT
 from nanogpt_pl.module import EVAL_TAGS
 
@@ -149,11 +150,8 @@ class TextSample(L.Callback):
         self.seed = seed
 
     def generate(self, model: GPT, tokenizer) -> str:
-        device = next(model.parameters()).device
-        generator = torch.Generator(device=device).manual_seed(self.seed)
-        idx = torch.zeros((1, 1), dtype=torch.long, device=device)
-        out = model.generate(idx, self.max_new_tokens, generator=generator)
-        return tokenizer.decode(out[0, 1:].tolist())
+        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(self.seed)
+        return sample(model, tokenizer, "", self.max_new_tokens, generator=generator)[0][1:]  # no start token
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         loggers = [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]

@@ -99,15 +99,20 @@ class RunSummary(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = time.perf_counter()
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._first_step = trainer.global_step  # after a checkpoint's restore: where this run began
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        print(summary_line(trainer, time.perf_counter() - self._start), flush=True)
+        first_step = getattr(self, "_first_step", 0)
+        print(summary_line(trainer, time.perf_counter() - self._start, first_step), flush=True)
 
 
-def summary_line(trainer: L.Trainer, seconds: float) -> str:
+def summary_line(trainer: L.Trainer, seconds: float, first_step: int = 0) -> str:
     metrics = trainer.callback_metrics
-    parts = [f"done: {trainer.global_step} steps in {_duration(seconds)}"]
+    steps = f"steps {first_step}-{trainer.global_step}" if first_step else f"{trainer.global_step} steps"
+    parts = [f"done: {steps} in {_duration(seconds)}"]
     estimates = [f"{split} {float(metrics[tag]):.4f}" for split, tag in EVAL_TAGS.items() if tag in metrics]
     if estimates:
         parts.append("estimate " + ", ".join(estimates))

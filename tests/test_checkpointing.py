@@ -116,6 +116,7 @@ def test_resume_is_exact_after_sigterm_ctrl_c_or_a_finished_run(small_text, tmp_
             run.trainer.fit(run.model, datamodule=run.datamodule)
         assert f"stopped at step {step}; saved" in capsys.readouterr().err
         main(["fit", *small_v7(small_text), "--ckpt_path", "last"])
+        assert f"done: steps {step}-30 in" in capsys.readouterr().out
         assert not (run_dir / "tb_logs/v7/version_1").exists(), "resuming continues the same run"
         assert_same_run(scalars(run_dir / "tb_logs/v7/version_0"), expected)
 
