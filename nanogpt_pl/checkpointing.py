@@ -96,6 +96,10 @@ class GlobalRandomState(Callback):
     the same generator when it creates the training dataloader's iterator, which an uninterrupted
     run did long before. Each process has its own state (different dropout masks per rank), so all
     of them are gathered into the checkpoint.
+
+    LightningCLI seeds every process alike, which would give every rank the same dropout masks;
+    a fresh run therefore offsets the seed of process r by r once training starts (after the model
+    was built identically everywhere). Process 0 keeps the seed, so one-process runs are unchanged.
     """
 
     def __init__(self) -> None:
@@ -123,6 +127,10 @@ class GlobalRandomState(Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._pending = state_dict["per_rank"]
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._pending is None and trainer.global_rank > 0:
+            torch.manual_seed(torch.initial_seed() + trainer.global_rank)
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int

@@ -209,3 +209,16 @@ def test_fresh_fit_never_resumes_and_last_needs_a_checkpoint(small_text, tmp_pat
     again = torch.load(tmp_path / "tb_logs/v7/version_0/checkpoints/last.ckpt", weights_only=True)
     assert again["global_step"] == first["global_step"] == 4
     assert all(torch.equal(again["state_dict"][k], v) for k, v in first["state_dict"].items())
+
+
+def test_each_process_draws_its_own_dropout_masks():
+    from types import SimpleNamespace
+
+    from nanogpt_pl.checkpointing import GlobalRandomState
+
+    draws = []
+    for rank in (0, 1, 0):
+        torch.manual_seed(1337)  # as LightningCLI seeds every process
+        GlobalRandomState().on_train_start(SimpleNamespace(global_rank=rank), None)
+        draws.append(torch.rand(4))
+    assert torch.equal(draws[0], draws[2]) and not torch.equal(draws[0], draws[1])
