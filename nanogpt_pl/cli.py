@@ -154,7 +154,10 @@ def cli(args=None, run: bool = True) -> GPTCLI:
 
 # Commands beyond Lightning's fit/validate/test: name -> "module:function", each function a
 # small CLI of its own (its signature and docstring are its arguments and --help).
-COMMANDS: dict[str, str] = {"generate": "nanogpt_pl.generate:generate"}
+COMMANDS: dict[str, str] = {
+    "generate": "nanogpt_pl.generate:generate",
+    "reproduce": "nanogpt_pl.reproduce:reproduce",
+}
 
 
 def _prog() -> str:

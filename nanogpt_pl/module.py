@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
@@ -26,11 +27,14 @@ class GPTModule(L.LightningModule):
         self,
         config: GPTConfig = GPTConfig(),
         optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: Optional[LRSchedulerCallable] = None,
     ) -> None:
         """
         Args:
             config: The model's architecture; each flag is one step of the lecture.
             optimizer: Optimizer built over the model's parameters (AdamW at a constant learning rate).
+            lr_scheduler: Learning-rate schedule over the optimizer, stepped once per optimizer step
+                (none: the lecture's constant rate).
         """
         super().__init__()
         if isinstance(config, dict):  # as stored in a checkpoint's hyper-parameters
@@ -39,6 +43,7 @@ class GPTModule(L.LightningModule):
         self.save_hyperparameters({"config": asdict(config)})
         self.model = GPT(config)
         self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
         # Keyed "<split>_loss": a plain "train" key would shadow nn.Module.train.
         self.loss_estimates = torch.nn.ModuleDict({f"{split}_loss": MeanMetric() for split in SPLITS})
         self.perplexities = torch.nn.ModuleDict({f"{split}_perplexity": Perplexity() for split in SPLITS})
@@ -88,4 +93,9 @@ class GPTModule(L.LightningModule):
     test_step = validation_step
 
     def configure_optimizers(self):
-        return self.optimizer(self.parameters())
+        optimizer = self.optimizer(self.parameters())
+        if self.lr_scheduler is None:
+            return optimizer
+        # Per step, not per epoch: warm-up and decay are counted in steps, and the stream is one epoch.
+        scheduler = {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}

@@ -1,0 +1,91 @@
+"""The reproduction's outputs, from its records: results.json, results.md (the lecture's table next to
+ours) and val_loss.png (every version's val-loss curve, as logged to TensorBoard)."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from pathlib import Path
+
+
+def write_report(records: dict[str, dict], out: Path, headers: dict[str, dict]) -> None:
+    """Write the three files from the same records, so they always agree with each other.
+
+    ``headers`` are every config's target and device lines: the table lists versions not run too.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    records = dict(sorted(records.items()))
+    _write_atomic(out / "results.json", json.dumps(records, indent=1) + "\n")
+    _write_atomic(out / "results.md", results_table(records, headers))
+    plot_val_loss(records, out / "val_loss.png")
+
+
+def results_table(records: dict[str, dict], headers: dict[str, dict]) -> str:
+    """Markdown: each config's target next to our mean over seeds, its spread and the difference."""
+    lines = [
+        "| config | target (val) | mean val | min – max | mean − target | seeds | steps | mean train | wall per seed |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for version in sorted(headers.keys() | records.keys()):
+        record = records.get(version)
+        target = ((record or headers[version])["target"] or {}).get("val")
+        shown = target if target is not None else "not reported"
+        if record is None:
+            why = "not yet run on a GPU" if headers[version]["device"] == "gpu" else "not run"
+            lines.append(f"| `{version}` | {shown} | {why} | | | | | | |")
+            continue
+        val = record["val"]
+        delta = f"{val['mean'] - target:+.4f}" if target is not None else "–"
+        lines.append(
+            f"| `{version}` | {shown} | {val['mean']:.4f} "
+            f"| {val['min']:.4f} – {val['max']:.4f} | {delta} | {len(record['seeds'])} | {record['steps']} "
+            f"| {record['train']['mean']:.4f} | {record['wall_s']:.0f} s |"
+        )
+    environments: dict[str, list[str]] = {}
+    for version, record in records.items():
+        key = f"{record['device']}, torch {record['torch']}, lightning {record['lightning']}: `{record['command']}`"
+        environments.setdefault(key, []).append(f"`{version}`")
+    lines.append("")
+    lines += [f"- {', '.join(versions)}: {key}" for key, versions in environments.items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot_val_loss(records: dict[str, dict], path: Path) -> None:
+    """Every version's val/loss against steps: mean over seeds, shaded between the lowest and highest seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
+    for version, record in records.items():
+        by_step: dict[int, list[float]] = {}
+        for run in record["seeds"]:
+            for step, value in run["val_curve"]:
+                by_step.setdefault(int(step), []).append(value)
+        steps = sorted(by_step)
+        mean = [statistics.fmean(by_step[s]) for s in steps]
+        (line,) = ax.plot(steps, mean, marker="." if len(steps) < 40 else None, label=version)
+        ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps],
+                        color=line.get_color(), alpha=0.2, linewidth=0)
+        target = (record["target"] or {}).get("val")
+        if target is not None:
+            ax.plot([steps[-1]], [target], marker="*", markersize=11, color=line.get_color(),
+                    markeredgecolor="black", linestyle="none")
+    ax.set_xlabel("step")
+    ax.set_ylabel("val loss (estimate)")
+    ax.set_title("val/loss per version: mean over seeds, band = min–max, ★ = target")
+    ax.grid(alpha=0.3)
+    ax.legend(ncol=2, fontsize="small")
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

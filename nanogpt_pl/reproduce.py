@@ -1,0 +1,233 @@
+"""``reproduce``: the lecture's table, measured. Each version's config is trained with ``fit`` over a
+few seeds, and the final estimates are read back from the runs' TensorBoard event files.
+
+Each config names its own reference in its header, in a line the table is built from::
+
+    # target: val 2.4084
+    # device: gpu        (only where a GPU is present: reproduce skips it on a CPU by default)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import lightning
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from nanogpt_pl.cli import cli
+from nanogpt_pl.errors import UsageError
+from nanogpt_pl.module import EVAL_TAGS
+from nanogpt_pl.report import write_report
+
+
+def reproduce(
+    versions: Optional[str] = None,
+    seeds: str = "1337,1,2",
+    out: Path = Path("results"),
+    configs: Path = Path("configs"),
+    max_steps: Optional[int] = None,
+    eval_iters: Optional[int] = None,
+) -> None:
+    """Train the lecture's versions over several seeds and write results.json, results.md and val_loss.png.
+
+    Args:
+        versions: Comma-separated config names from the configs folder (v1,v3_ffn,...); default
+            every config this machine can run: the GPU-only ones (v7) only where a GPU is present.
+        seeds: Comma-separated seeds; each version is trained once per seed.
+        out: Folder for the results; the TensorBoard runs go to its runs/<version>/seed<seed>/.
+            Records of versions already in its results.json and not run again are kept.
+        configs: Folder holding the versions' YAML files.
+        max_steps: Train every run for this many steps instead of its config's (a quick look, not the table).
+        eval_iters: Batches per loss estimate instead of the config's (a quick look, not the table).
+    """
+    seed_list = _parse_seeds(seeds)
+    chosen = _select(Path(configs), versions)
+    for name, value in (("max_steps", max_steps), ("eval_iters", eval_iters)):
+        if value is not None and value < 1:
+            raise UsageError(f"--{name} must be a positive integer, got {value}.")
+    out = Path(out)
+    results_path = out / "results.json"
+    records = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    command = f"python -m nanogpt_pl reproduce --versions {','.join(c.stem for c in chosen)} --seeds {seeds}"
+    overrides = []
+    if max_steps is not None:
+        overrides += ["--trainer.max_steps", str(max_steps)]
+        command += f" --max_steps {max_steps}"
+    if eval_iters is not None:
+        overrides += ["--data.eval_iters", str(eval_iters)]
+        command += f" --eval_iters {eval_iters}"
+
+    headers = {path.stem: read_header(path) for path in sorted(Path(configs).glob("*.yaml"))}
+    total, done = len(chosen) * len(seed_list), 0
+    for config in chosen:
+        runs = []
+        for seed in seed_list:
+            done += 1
+            runs.append(_run(config, seed, out / "runs", f"[{done}/{total}] {config.stem} seed {seed}", overrides))
+        records[config.stem] = _record(config, runs, command)
+        # After every version, so an interrupted reproduction keeps what it finished.
+        write_report(records, out, headers)
+    print(f"results: {out / 'results.md'}, {results_path}, {out / 'val_loss.png'}")
+
+
+def read_header(config: Path) -> dict:
+    """A config's reference losses and device requirement, from its ``# target:`` and ``# device:`` lines."""
+    target, device = {}, None
+    for line in config.read_text(encoding="utf-8").splitlines():
+        if match := re.match(r"#\s*target:(.*)", line):
+            target = {split: float(value) for split, value in re.findall(r"(train|val)\s+([0-9.]+)", match[1])}
+        elif match := re.match(r"#\s*device:\s*(\w+)", line):
+            device = match[1].lower()
+    return {"target": target or None, "device": device}
+
+
+class RunProgress(Callback):
+    """Says which run is training, how far along it is and its latest val loss, at every estimate."""
+
+    def __init__(self, label: str) -> None:
+        """
+        Args:
+            label: Names the run in every line, e.g. "[3/21] v3 seed 1".
+        """
+        self.label = label
+        self.start = time.perf_counter()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start = time.perf_counter()
+        print(f"{self.label}: training {trainer.max_steps} steps", flush=True)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        val = trainer.callback_metrics.get(EVAL_TAGS["val"])
+        shown = f", val {float(val):.4f}" if val is not None else ""
+        elapsed = time.perf_counter() - self.start
+        print(f"{self.label}: step {trainer.global_step}/{trainer.max_steps}{shown} ({elapsed:.0f} s)", flush=True)
+
+
+def _parse_seeds(seeds: str) -> list[int]:
+    try:
+        parsed = [int(s) for s in str(seeds).split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--seeds must be comma-separated integers, e.g. 1337,1,2; got {seeds!r}.") from None
+    if not parsed or len(set(parsed)) != len(parsed):
+        raise UsageError(f"--seeds must list distinct integers, e.g. 1337,1,2; got {seeds!r}.")
+    return parsed
+
+
+def _select(configs: Path, versions: Optional[str]) -> list[Path]:
+    """The configs to run, checked before anything trains."""
+    available = {path.stem: path for path in sorted(configs.glob("*.yaml"))}
+    if not available:
+        raise UsageError(f"no config files (*.yaml) in {configs}: point --configs to the repository's configs/ folder.")
+    if versions is None:
+        has_gpu = torch.cuda.is_available()
+        return [path for path in available.values() if has_gpu or read_header(path)["device"] != "gpu"]
+    names = [name.strip() for name in versions.split(",") if name.strip()]
+    unknown = [name for name in names if name not in available]
+    if unknown or not names:
+        raise UsageError(
+            f"unknown version(s) {', '.join(unknown) or repr(versions)}: choose from {', '.join(available)}."
+        )
+    if not torch.cuda.is_available():
+        gpu_only = [name for name in names if read_header(available[name])["device"] == "gpu"]
+        if gpu_only:
+            raise UsageError(
+                f"{', '.join(gpu_only)} needs a GPU and none is present: leave it out "
+                "(v7_cpu is v7 sized for a CPU)."
+            )
+    return [available[name] for name in dict.fromkeys(names)]
+
+
+def _run(config: Path, seed: int, runs_dir: Path, label: str, overrides: list[str]) -> dict:
+    """One ``fit`` through the same command line users run, then its final estimates from TensorBoard."""
+    run_dir = runs_dir / config.stem / f"seed{seed}"
+    # A TensorBoard run folder accumulates event files: start clean so only this run is read back.
+    shutil.rmtree(run_dir, ignore_errors=True)
+    progress = {"class_path": f"{__name__}.RunProgress", "init_args": {"label": label}}
+    args = [
+        "fit",
+        "--config", str(config),
+        "--seed_everything", str(seed),
+        "--trainer.logger.init_args.save_dir", str(runs_dir),
+        "--trainer.logger.init_args.version", f"seed{seed}",
+        "--trainer.enable_progress_bar", "false",  # RunProgress reports instead, one line per estimate
+        "--trainer.enable_model_summary", "false",
+        f"--trainer.callbacks+={json.dumps(progress)}",
+        *overrides,
+    ]
+    start = time.perf_counter()
+    trainer = cli(args=args).trainer
+    wall = time.perf_counter() - start
+    curves = read_scalars(Path(trainer.logger.log_dir))
+    missing = [tag for tag in EVAL_TAGS.values() if not curves.get(tag)]
+    if missing:
+        raise RuntimeError(f"{run_dir} logged no {', '.join(missing)}: the run ended before its final estimate.")
+    return {
+        "seed": seed,
+        "train": curves[EVAL_TAGS["train"]][-1][1],
+        "val": curves[EVAL_TAGS["val"]][-1][1],
+        "steps": trainer.global_step,
+        "wall_s": round(wall, 1),
+        "device": device_name(trainer.strategy.root_device),
+        "val_curve": curves[EVAL_TAGS["val"]],
+    }
+
+
+def read_scalars(log_dir: Path) -> dict[str, list[list[float]]]:
+    """Every scalar of a TensorBoard run as ``tag -> [[step, value], ...]``, as TensorBoard shows it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {
+        tag: [[event.step, round(event.value, 6)] for event in events.Scalars(tag)]
+        for tag in events.Tags()["scalars"]
+    }
+
+
+def device_name(device: torch.device) -> str:
+    """The accelerator's marketing name, or the CPU's model and core count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} cores)"
+
+
+def _record(config: Path, runs: list[dict], command: str) -> dict:
+    """One version's line of the table: per-seed estimates and their summary."""
+    header = read_header(config)
+
+    def summary(split: str) -> dict:
+        values = [run[split] for run in runs]
+        return {"mean": round(statistics.fmean(values), 4), "min": min(values), "max": max(values)}
+
+    return {
+        "config": config.as_posix(),
+        "target": header["target"],
+        "steps": runs[0]["steps"],
+        "seeds": runs,
+        "val": summary("val"),
+        "train": summary("train"),
+        "wall_s": round(statistics.fmean(run["wall_s"] for run in runs), 1),
+        "device": runs[0]["device"],
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "python": sys.version.split()[0],
+        "command": command,
+    }

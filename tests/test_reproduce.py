@@ -1,0 +1,80 @@
+"""``reproduce``: one tiny run end to end, its three outputs agreeing, and its input checks."""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+
+import pytest
+
+from conftest import REPO, run_cli
+from nanogpt_pl.cli import main
+from nanogpt_pl.reproduce import read_header, read_scalars
+
+
+def _png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG file"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_reproduce_writes_consistent_results(tmp_path):
+    out = tmp_path / "results"
+    result = run_cli(
+        "reproduce", "--versions", "v2", "--seeds", "3", "--max_steps", "4", "--eval_iters", "2",
+        "--out", str(out), "--configs", str(REPO / "configs"), cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"\[1/1\] v2 seed 3: step 4/4, val \d", result.stdout), result.stdout
+
+    records = json.loads((out / "results.json").read_text())
+    assert list(records) == ["v2"]
+    record = records["v2"]
+    assert record["target"] == read_header(REPO / "configs" / "v2.yaml")["target"] == {"val": 2.4084}
+    assert record["steps"] == 4 and [run["seed"] for run in record["seeds"]] == [3]
+    assert record["torch"] and record["lightning"] and record["device"]
+    run = record["seeds"][0]
+    assert record["val"] == {"mean": round(run["val"], 4), "min": run["val"], "max": run["val"]}
+
+    # The figures are TensorBoard's: the run's event file holds the same final estimates.
+    scalars = read_scalars(out / "runs" / "v2" / "seed3")
+    assert scalars["val/loss"][-1][1] == run["val"] and scalars["train/loss_eval"][-1][1] == run["train"]
+    assert run["val_curve"] == scalars["val/loss"]
+
+    # The table shows the same numbers, and names the versions not run.
+    table = (out / "results.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| `v2`"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[1] == "2.4084" and cells[2] == f"{record['val']['mean']:.4f}"
+    assert cells[4] == f"{record['val']['mean'] - 2.4084:+.4f}"
+    assert "| `v7` | 1.4873 | not yet run on a GPU |" in table
+    assert "--versions v2 --seeds 3 --max_steps 4 --eval_iters 2" in table
+
+    width, height = _png_size(out / "val_loss.png")
+    assert width > 300 and height > 200
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--versions", "v9"], "unknown version(s) v9: choose from v1, v2"),
+        (["--seeds", "1,x"], "--seeds must be comma-separated integers"),
+        (["--seeds", "1,1"], "--seeds must list distinct integers"),
+        (["--versions", "v2", "--max_steps", "0"], "--max_steps must be a positive integer"),
+    ],
+)
+def test_reproduce_rejects_bad_input_before_training(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["reproduce", "--out", str(tmp_path / "out"), "--configs", str(REPO / "configs"), *args])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert not (tmp_path / "out").exists()
+
+
+def test_header_lines_give_targets_and_device(tmp_path):
+    config = tmp_path / "v9.yaml"
+    config.write_text("# v9 — a test.\n# target: train 1.0, val 1.5\n# device: gpu\nmodel: {}\n")
+    assert read_header(config) == {"target": {"train": 1.0, "val": 1.5}, "device": "gpu"}
+    assert read_header(REPO / "configs" / "v4.yaml") == {"target": None, "device": None}
