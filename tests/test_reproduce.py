@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, TINY, run_cli
 from nanogpt_pl.cli import main
 from nanogpt_pl.reproduce import read_header, read_scalars
 
@@ -78,3 +78,26 @@ def test_header_lines_give_targets_and_device(tmp_path):
     config.write_text("# v9 — a test.\n# target: train 1.0, val 1.5\n# device: gpu\nmodel: {}\n")
     assert read_header(config) == {"target": {"train": 1.0, "val": 1.5}, "device": "gpu"}
     assert read_header(REPO / "configs" / "v4.yaml") == {"target": None, "device": None}
+
+
+def test_v7_cpu_schedule_steps_once_per_optimizer_step(tmp_path):
+    """The YAML's lr_scheduler reaches the optimizer and advances per step, not per epoch."""
+    import torch
+
+    from nanogpt_pl.cli import cli
+
+    trainer = cli(args=[
+        "fit", "--config", str(REPO / "configs" / "v7_cpu.yaml"), *TINY,
+        "--trainer.logger.init_args.save_dir", str(tmp_path),
+        "--data.data_path", str(REPO / "data" / "tinyshakespeare" / "input.txt"),
+    ]).trainer
+    reference = torch.optim.lr_scheduler.OneCycleLR(
+        torch.optim.AdamW([torch.zeros(1, requires_grad=True)]), max_lr=1e-3, total_steps=2000,
+        pct_start=0.05, div_factor=10.0, final_div_factor=1.0, cycle_momentum=False,
+    )
+    for _ in range(trainer.global_step):
+        reference.optimizer.step()
+        reference.step()
+    assert trainer.global_step == 4
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(reference.get_last_lr()[0])
+    assert trainer.optimizers[0].param_groups[0]["lr"] > 1e-4  # warming up from 1e-4 towards 1e-3
