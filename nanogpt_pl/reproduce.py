@@ -57,7 +57,7 @@ def reproduce(
             raise UsageError(f"--{name} must be a positive integer, got {value}.")
     out = Path(out)
     results_path = out / "results.json"
-    records = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    _load_records(results_path)  # a damaged file is reported now, not after hours of training
     command = f"python -m nanogpt_pl reproduce --versions {','.join(c.stem for c in chosen)} --seeds {seeds}"
     overrides = []
     if max_steps is not None:
@@ -69,14 +69,16 @@ def reproduce(
 
     headers = {path.stem: read_header(path) for path in sorted(Path(configs).glob("*.yaml"))}
     total, done = len(chosen) * len(seed_list), 0
+    finished = {}
     for config in chosen:
         runs = []
         for seed in seed_list:
             done += 1
             runs.append(_run(config, seed, out / "runs", f"[{done}/{total}] {config.stem} seed {seed}", overrides))
-        records[config.stem] = _record(config, runs, command)
-        # After every version, so an interrupted reproduction keeps what it finished.
-        write_report(records, out, headers)
+        finished[config.stem] = _record(config, runs, command)
+        # After every version, so an interrupted reproduction keeps what it finished; the folder's
+        # other records are re-read each time, so they survive another reproduce writing there.
+        write_report({**_load_records(results_path), **finished}, out, headers)
     print(f"results: {out / 'results.md'}, {results_path}, {out / 'val_loss.png'}")
 
 
@@ -111,6 +113,18 @@ class RunProgress(Callback):
         shown = f", val {float(val):.4f}" if val is not None else ""
         elapsed = time.perf_counter() - self.start
         print(f"{self.label}: step {trainer.global_step}/{trainer.max_steps}{shown} ({elapsed:.0f} s)", flush=True)
+
+
+def _load_records(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        records = None
+    if not isinstance(records, dict):
+        raise UsageError(f"{path} is not a reproduce results file: move it away or choose another --out.")
+    return records
 
 
 def _parse_seeds(seeds: str) -> list[int]:

@@ -73,6 +73,14 @@ def test_reproduce_rejects_bad_input_before_training(tmp_path, capsys, args, mes
     assert not (tmp_path / "out").exists()
 
 
+def test_reproduce_refuses_a_damaged_results_file_before_training(tmp_path, capsys):
+    (tmp_path / "results.json").write_text("[1, 2")
+    with pytest.raises(SystemExit):
+        main(["reproduce", "--out", str(tmp_path), "--configs", str(REPO / "configs"), "--versions", "v2"])
+    assert "results.json is not a reproduce results file" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
 def test_header_lines_give_targets_and_device(tmp_path):
     config = tmp_path / "v9.yaml"
     config.write_text("# v9 — a test.\n# target: train 1.0, val 1.5\n# device: gpu\nmodel: {}\n")
