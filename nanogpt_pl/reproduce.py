@@ -155,8 +155,8 @@ def _select(configs: Path, versions: Optional[str]) -> list[Path]:
         gpu_only = [name for name in names if read_header(available[name])["device"] == "gpu"]
         if gpu_only:
             raise UsageError(
-                f"{', '.join(gpu_only)} needs a GPU and none is present: leave it out "
-                "(v7_cpu is v7 sized for a CPU)."
+                f"{', '.join(gpu_only)} needs a GPU and none is present: leave it out here and run it "
+                "on a GPU machine (its config's header says 'device: gpu')."
             )
     return [available[name] for name in dict.fromkeys(names)]
 
@@ -175,6 +175,7 @@ def _run(config: Path, seed: int, runs_dir: Path, label: str, overrides: list[st
         "--trainer.logger.init_args.version", f"seed{seed}",
         "--trainer.enable_progress_bar", "false",  # RunProgress reports instead, one line per estimate
         "--trainer.enable_model_summary", "false",
+        "--trainer.devices", "1",  # one device, as the lecture ran (and no process launching per run)
         f"--trainer.callbacks+={json.dumps(progress)}",
         *overrides,
     ]
