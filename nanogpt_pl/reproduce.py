@@ -180,7 +180,13 @@ def _run(config: Path, seed: int, runs_dir: Path, label: str, overrides: list[st
         *overrides,
     ]
     start = time.perf_counter()
-    trainer = cli(args=args).trainer
+    # The run's arguments are all in ``args``: show Lightning a command line of its own (it warns
+    # when sys.argv carries other arguments, here reproduce's).
+    argv, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        trainer = cli(args=args).trainer
+    finally:
+        sys.argv = argv
     wall = time.perf_counter() - start
     curves = read_scalars(Path(trainer.logger.log_dir))
     missing = [tag for tag in EVAL_TAGS.values() if not curves.get(tag)]
