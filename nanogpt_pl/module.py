@@ -28,6 +28,7 @@ class GPTModule(L.LightningModule):
         config: GPTConfig = GPTConfig(),
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
+        compile: bool = False,
     ) -> None:
         """
         Args:
@@ -35,6 +36,8 @@ class GPTModule(L.LightningModule):
             optimizer: Optimizer built over the model's parameters (AdamW at a constant learning rate).
             lr_scheduler: Learning-rate schedule over the optimizer, stepped once per optimizer step
                 (none: the lecture's constant rate).
+            compile: Train and evaluate through ``torch.compile`` (compiled once, at the first step;
+                checkpoints and generation use the plain model).
         """
         super().__init__()
         if isinstance(config, dict):  # as stored in a checkpoint's hyper-parameters
@@ -44,6 +47,8 @@ class GPTModule(L.LightningModule):
         self.model = GPT(config)
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
+        self.compile_model = compile
+        self._compiled = None
         # Keyed "<split>_loss": a plain "train" key would shadow nn.Module.train.
         self.loss_estimates = torch.nn.ModuleDict({f"{split}_loss": MeanMetric() for split in SPLITS})
         self.perplexities = torch.nn.ModuleDict({f"{split}_perplexity": Perplexity() for split in SPLITS})
@@ -51,9 +56,29 @@ class GPTModule(L.LightningModule):
     def forward(self, idx, targets=None):
         return self.model(idx, targets)
 
+    @property
+    def step_model(self):
+        """The model as training and evaluation call it: compiled on first use if ``compile`` is set.
+
+        The compiled wrapper is kept outside the module tree, so state dicts (and checkpoints) keep
+        the plain model's keys and ``self.model.generate`` never triggers a compilation.
+        """
+        if not self.compile_model:
+            return self.model
+        if self._compiled is None:
+            # Static shapes: training and the stacked evaluation each get kernels specialized to
+            # their one batch shape, instead of a slower dynamic-shape kernel shared by both.
+            object.__setattr__(self, "_compiled", torch.compile(self.model, dynamic=False))
+        return self._compiled
+
+    def setup(self, stage: str) -> None:
+        if self.trainer.strategy.root_device.type == "cuda":
+            # TF32 tensor cores for the float32 matrix multiplications left outside autocast.
+            torch.set_float32_matmul_precision("high")
+
     def training_step(self, batch, batch_idx):
         x, y, _ = batch
-        _, loss = self.model(x, y)
+        _, loss = self.step_model(x, y)
         # Logged every trainer.log_every_n_steps steps; reading it more often would wait on the GPU.
         self.log("train/loss", loss)
         return loss
@@ -70,7 +95,7 @@ class GPTModule(L.LightningModule):
         # Under DDP each process holds its share of the batches; the metric sums values and
         # weights over all processes when computed, so the estimate covers every process's batches.
         x, y, request = batch
-        logits, loss = self.model(x, y)
+        logits, loss = self.step_model(x, y)
         metric = self.loss_estimates[f"{request.split}_loss"]
         metric.update(loss, weight=request.n_batches)
         self.log(EVAL_TAGS[request.split], metric)

@@ -1,0 +1,149 @@
+"""Speed of nanogpt_pl against the lecture's plain script, side by side on this machine.
+
+    python benchmarks/run.py                 # full benchmark: v2 and v6 at full length, v7 steps
+    python benchmarks/run.py --max_steps 20  # a quick look (ratios then mean little)
+
+Each variant runs in a fresh process (``benchmarks/variants.py``), one after the other, so the
+ratios below come from one run under the same conditions. It prints a Markdown table: wall
+seconds (the target's measure) and CPU seconds of the process (steadier when other processes
+share the machine). The small models (v2, v6) run with one intra-op thread in every variant:
+their tensors are too small to split, and a second thread only adds waiting, worst when the
+cores are shared. v7 uses all cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = Path(__file__).with_name("variants.py")
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        model = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+        return f"{model}, {os.cpu_count()} cores"
+    except (OSError, StopIteration):
+        return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def measure(variant: str, config: str, *overrides: str, threads: int | None = None, steps: int | None = None) -> dict:
+    """Run one variant in a fresh process; its JSON result plus the whole process's wall time."""
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    command = [sys.executable, str(VARIANTS), variant, str(REPO / "configs" / f"{config}.yaml")]
+    if steps is not None:
+        command += ["--steps", str(steps)]
+    command += list(overrides)
+    print(f"  {variant} {config} {' '.join(overrides)}", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory() as cwd:  # logs and checkpoints of `fit` land here
+        start = time.perf_counter()
+        done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+        process_seconds = time.perf_counter() - start
+    if done.returncode:
+        raise SystemExit(f"error: {variant} {config} failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["process_seconds"] = process_seconds
+    return result
+
+
+def protocol_rows(config: str, protocol: list[str]) -> list[str]:
+    """Full training protocol: the lecture's script, a plain loop around our GPT, ``fit``."""
+    runs = {
+        "lecture's plain script": measure("lecture", config, *protocol, threads=1),
+        "plain loop, our GPT": measure("plain", config, *protocol, threads=1),
+        "`fit`": measure("fit", config, *protocol, threads=1),
+    }
+    if config == "v6":
+        runs["`fit --model.compile true`"] = measure("fit", config, *protocol, "--model.compile", "true", threads=1)
+    base, plain = runs["lecture's plain script"], runs["plain loop, our GPT"]
+    rows = []
+    for name, r in runs.items():
+        rows.append(
+            f"| {config} | {name} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['process_seconds']:.1f} "
+            f"| {r['val']:.4f} | {r['seconds'] / base['seconds']:.2f} | {r['seconds'] / plain['seconds']:.2f} |"
+        )
+    return rows
+
+
+def step_rows(device: str, steps: int) -> list[str]:
+    """v7 training step: the lecture's formulation in fp32 against the fast path."""
+    runs = {
+        "lecture formulation, fp32": measure("step-lecture", "v7", steps=steps),
+        "fast path, fp32": measure("step-fast", "v7", "--trainer.precision", "32-true", steps=steps),
+        "fast path, v7.yaml precision": measure("step-fast", "v7", steps=steps),
+    }
+    base = runs["lecture formulation, fp32"]["step_seconds"]
+    rows = []
+    for name, r in runs.items():
+        rows.append(
+            f"| v7 step | {name} ({r['precision']}, {r['device']}) | {r['step_seconds']:.3f} "
+            f"| {r['tokens_per_second']:,.0f} | {r['step_seconds'] / base:.2f} |"
+        )
+    return rows
+
+
+def gpu_rows(gpu: str, steps: int) -> list[str]:
+    """On a GPU: the full v7 run (compiled), tokens/s and MFU of the fast path."""
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    full = measure("fit", "v7", "--model.compile", "true")
+    step = measure("step-fast", "v7", "--model.compile", "true", steps=steps)
+    peak = get_available_flops(torch.device("cuda"), torch.bfloat16)
+    mfu = f"{step['flops_per_step'] / step['step_seconds'] / peak:.1%}" if peak else "unknown peak"
+    return [
+        f"| {gpu} | v7 full run (5000 steps + estimates), `fit --model.compile true` | {full['seconds']:.1f} s wall, "
+        f"val {full['val']:.4f} |",
+        f"| {gpu} | v7 training step, fast path, bf16-mixed, compiled | {step['step_seconds'] * 1000:.1f} ms, "
+        f"{step['tokens_per_second']:,.0f} tokens/s, MFU {mfu} |",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--max_steps", type=int, default=None, help="shorten v2/v6 (default: each config's own)")
+    parser.add_argument("--eval_iters", type=int, default=None, help="shorten the estimate (default: 200)")
+    parser.add_argument("--v7_steps", type=int, default=3, help="timed v7 steps per variant, after one warm-up")
+    parser.add_argument("--configs", nargs="+", default=["v2", "v6"], help="small configs run at full length")
+    args = parser.parse_args()
+    protocol = []
+    if args.max_steps is not None:
+        protocol += ["--trainer.max_steps", str(args.max_steps)]
+    if args.eval_iters is not None:
+        protocol += ["--data.eval_iters", str(args.eval_iters)]
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    print(f"Machine: {cpu_name()}; GPU: {gpu or 'none'}; torch {torch.__version__}; "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
+    print("| config | variant | wall s | CPU s | process s | final val | wall / lecture | wall / plain loop |")
+    print("|---|---|---|---|---|---|---|---|")
+    for config in args.configs:
+        for row in protocol_rows(config, protocol):
+            print(row, flush=True)
+    if args.v7_steps:
+        print("\n| config | variant | s / step | tokens / s | / lecture fp32 |")
+        print("|---|---|---|---|---|")
+        for row in step_rows("cuda" if gpu else "cpu", args.v7_steps):
+            print(row, flush=True)
+    print("\n| GPU | measure | result |\n|---|---|---|")
+    if gpu:
+        for row in gpu_rows(gpu, max(args.v7_steps, 20)):
+            print(row, flush=True)
+    else:
+        print("| none | v7 full run, tokens/s, MFU | not yet run on a GPU |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""One benchmark variant in a process of its own; prints one JSON line with what it measured.
+
+    python benchmarks/variants.py VARIANT CONFIG [--max_steps N] [--eval_iters N] [--steps N]
+
+Variants that train (full protocol: max_steps steps, the loss estimate every val_check_interval
+steps and at the end):
+  lecture  the lecture's plain script: per-head attention, per-sample batch indexing
+           (torch.stack of slices), per-batch evaluation with .item(), AdamW's default loop.
+  plain    a plain loop around this project's GPT, module and data module: the same batches,
+           optimizer and stacked evaluation as ``fit``, without Lightning.
+  fit      ``python -m nanogpt_pl fit --config CONFIG``, as a user runs it (logger, checkpoints).
+Variants that time training steps (``--steps`` after one warm-up step, median reported):
+  step-lecture  the lecture's formulation in fp32;
+  step-fast     the fast path at the config's precision (bf16-mixed autocast for v7).
+
+Every variant reads the config through the project's own CLI, so all see the same values. Times
+start after imports: ``seconds`` is wall time, ``cpu_seconds`` the process's CPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from nanogpt_pl.cli import cli  # noqa: E402
+from nanogpt_pl.lecture import LectureGPT  # noqa: E402
+from nanogpt_pl.model import GPTConfig  # noqa: E402
+
+DATA = REPO / "data" / "tinyshakespeare" / "input.txt"
+
+
+def resolve(config: str, overrides: list[str]):
+    """The config as ``fit`` would run it: model, data module, trainer and the raw namespace."""
+    return cli(["--config", config, "--data.data_path", str(DATA), *overrides], run=False)
+
+
+def schedule(trainer):
+    """Steps at which the loss is estimated: every val_check_interval, and at the last step."""
+    return lambda step: step % trainer.val_check_interval == 0 or step == trainer.max_steps
+
+
+# -- the lecture's script ----------------------------------------------------------------------
+def lecture(parsed) -> dict:
+    dm, trainer = parsed.datamodule, parsed.trainer
+    batch_size, block_size, eval_iters = dm.batch_size, dm.block_size, dm.eval_iters
+    lr = parsed.config["model"]["optimizer"]["init_args"]["lr"]
+    device = trainer.strategy.root_device
+
+    text = DATA.read_text(encoding="utf-8")
+    chars = sorted(list(set(text)))
+    stoi = {ch: i for i, ch in enumerate(chars)}
+    data = torch.tensor([stoi[c] for c in text], dtype=torch.long)
+    n = int(0.9 * len(data))
+    train_data, val_data = data[:n], data[n:]
+
+    def get_batch(split):
+        data = train_data if split == "train" else val_data
+        ix = torch.randint(len(data) - block_size, (batch_size,))
+        x = torch.stack([data[i : i + block_size] for i in ix])
+        y = torch.stack([data[i + 1 : i + block_size + 1] for i in ix])
+        return x.to(device), y.to(device)
+
+    @torch.no_grad()
+    def estimate_loss():
+        out = {}
+        model.eval()
+        for split in ["train", "val"]:
+            losses = torch.zeros(eval_iters)
+            for k in range(eval_iters):
+                X, Y = get_batch(split)
+                logits, loss = model(X, Y)
+                losses[k] = loss.item()
+            out[split] = losses.mean()
+        model.train()
+        return out
+
+    model = LectureGPT(GPTConfig(**parsed.model.hparams["config"])).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    due = schedule(trainer)
+    for step in range(1, trainer.max_steps + 1):
+        xb, yb = get_batch("train")
+        logits, loss = model(xb, yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if due(step):
+            losses = estimate_loss()
+            print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}", file=sys.stderr)
+    return {"val": float(losses["val"])}
+
+
+# -- the same protocol around this project's GPT, without Lightning ------------------------------
+def plain(parsed) -> dict:
+    module, dm, trainer = parsed.model, parsed.datamodule, parsed.trainer
+    device = trainer.strategy.root_device
+    module.to(device)
+    dm.setup("fit")
+    forward = module.step_model  # compiled once when model.compile is set, as in fit
+    optimizer = module.configure_optimizers()
+    train_stream, eval_stream = dm._generators["train"], dm._generators["eval"]
+    due = schedule(trainer)
+    for step in range(1, trainer.max_steps + 1):
+        x, y = dm.sample("train", 1, train_stream, device)
+        _, loss = forward(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if due(step):
+            module.model.eval()
+            totals = {"train": 0.0, "val": 0.0}
+            with torch.no_grad():
+                for request in dm._eval_requests():
+                    x, y = dm.sample(request.split, request.n_batches, eval_stream, device)
+                    totals[request.split] += forward(x, y)[1] * request.n_batches
+            module.model.train()
+            val = float(totals["val"]) / dm.eval_iters
+            print(f"step {step}: train loss {float(totals['train']) / dm.eval_iters:.4f}, val loss {val:.4f}",
+                  file=sys.stderr)
+    return {"val": val}
+
+
+# -- the project's own command ------------------------------------------------------------------
+def fit(config: str, overrides: list[str]) -> dict:
+    run = cli(["fit", "--config", config, "--data.data_path", str(DATA), *overrides])
+    return {"val": float(run.trainer.callback_metrics["val/loss"])}
+
+
+# -- training step time -------------------------------------------------------------------------
+def step_time(parsed, formulation: str, steps: int) -> dict:
+    module, dm, trainer = parsed.model, parsed.datamodule, parsed.trainer
+    device = trainer.strategy.root_device
+    precision = str(trainer.precision) if formulation == "fast" else "32-true"
+    module.to(device)
+    dm.setup("fit")
+    if formulation == "lecture":
+        model = LectureGPT.from_gpt(module.model).train()
+        optimizer = torch.optim.AdamW(model.parameters(), **parsed.config["model"]["optimizer"]["init_args"])
+    else:
+        model, optimizer = module.step_model, module.configure_optimizers()
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed" else contextlib.nullcontext()
+    )
+    times = []
+    for _ in range(1 + steps):  # the first step warms up (allocations, kernel selection, compilation)
+        x, y = dm.sample("train", 1, dm._generators["train"], device)
+        start = time.perf_counter()
+        with autocast:
+            _, loss = model(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    step = statistics.median(times[1:])
+    tokens = dm.batch_size * dm.block_size
+    return {"step_seconds": step, "tokens_per_second": tokens / step, "precision": precision,
+            "device": str(device), "flops_per_step": train_flops(module.model.config, tokens)}
+
+
+def train_flops(config: GPTConfig, tokens: int) -> float:
+    """Model FLOPs of one training step (forward + backward): 6 per parameter-token for the
+    matrix multiplications, plus attention's scores and weighted sum (PaLM's appendix B count)."""
+    n_params = sum(p.numel() for name, p in _matrices(config))
+    attention = 12 * config.n_layer * config.n_head * config.head_dim * config.block_size
+    return (6 * n_params + attention) * tokens
+
+
+def _matrices(config: GPTConfig):
+    from nanogpt_pl.model import GPT
+
+    with torch.device("meta"):
+        model = GPT(config)
+    return [(n, p) for n, p in model.named_parameters() if "embedding" not in n]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("variant", choices=["lecture", "plain", "fit", "step-lecture", "step-fast"])
+    parser.add_argument("config")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps for step-* variants")
+    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="CLI overrides, e.g. --trainer.max_steps 4")
+    args = parser.parse_args()
+    overrides = args.overrides
+    start_wall, start_cpu = time.perf_counter(), time.process_time()
+    if args.variant == "fit":
+        result = fit(args.config, overrides)
+    else:
+        parsed = resolve(args.config, overrides)
+        if args.variant == "lecture":
+            result = lecture(parsed)
+        elif args.variant == "plain":
+            result = plain(parsed)
+        else:
+            result = step_time(parsed, args.variant.removeprefix("step-"), args.steps)
+    result.update(seconds=time.perf_counter() - start_wall, cpu_seconds=time.process_time() - start_cpu)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
