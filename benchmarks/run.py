@@ -43,10 +43,10 @@ def measure(variant: str, config: str, *overrides: str, threads: int | None = No
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    command = [sys.executable, str(VARIANTS), variant, str(REPO / "configs" / f"{config}.yaml")]
+    command = [sys.executable, str(VARIANTS)]
     if steps is not None:
         command += ["--steps", str(steps)]
-    command += list(overrides)
+    command += [variant, str(REPO / "configs" / f"{config}.yaml"), *overrides]
     print(f"  {variant} {config} {' '.join(overrides)}", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as cwd:  # logs and checkpoints of `fit` land here
         start = time.perf_counter()
@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--max_steps", type=int, default=None, help="shorten v2/v6 (default: each config's own)")
     parser.add_argument("--eval_iters", type=int, default=None, help="shorten the estimate (default: 200)")
     parser.add_argument("--v7_steps", type=int, default=3, help="timed v7 steps per variant, after one warm-up")
-    parser.add_argument("--configs", nargs="+", default=["v2", "v6"], help="small configs run at full length")
+    parser.add_argument("--configs", nargs="*", default=["v2", "v6"], help="small configs run at full length")
     args = parser.parse_args()
     protocol = []
     if args.max_steps is not None:
