@@ -33,7 +33,13 @@ def run(model, idx, targets):
 @pytest.mark.parametrize("attn_scale", ["n_embd", "head_size"])
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_fast_path_equals_lecture_formulation(path, attn_scale, dropout):
-    """Forward and gradients agree to 1e-5 in fp32, for every config, both scalings, dropout in eval mode."""
+    """Every config, both scalings, dropout in eval mode: the forward pass agrees to 1e-5 in fp32,
+    and forward and gradients agree to 1e-5 in float64.
+
+    Gradients are not compared element by element in fp32: a ReLU whose input lies within fp32
+    rounding of zero can be off in one formulation and on in the other, and that jump of the
+    derivative is an error of neither. In float64 no input comes that close at these sizes.
+    """
     torch.manual_seed(0)
     config = config_of(path, attn_scale=attn_scale, dropout=dropout)
     fast = GPT(config).eval()  # eval: dropout is the identity in both, so they must agree exactly
@@ -43,9 +49,12 @@ def test_fast_path_equals_lecture_formulation(path, attn_scale, dropout):
     idx = torch.randint(config.vocab_size, (1, T))  # one full-length block: the whole causal mask
     targets = torch.randint(config.vocab_size, (1, T))
 
+    with torch.no_grad():
+        torch.testing.assert_close(fast(idx, targets), lecture(idx, targets), **TOL)
+
+    fast, lecture = fast.double(), lecture.double()
     fast_logits, fast_loss = run(fast, idx, targets)
     lecture_logits, lecture_loss = run(lecture, idx, targets)
-
     torch.testing.assert_close(fast_logits, lecture_logits, **TOL)
     torch.testing.assert_close(fast_loss, lecture_loss, **TOL)
     expected = {name: p.grad for name, p in lecture.named_parameters()}
