@@ -89,3 +89,15 @@ def test_fast_path_is_causal_with_and_without_dropout_in_training():
     after = model(changed)[0]
     torch.testing.assert_close(before[:, :20], after[:, :20])
     assert not torch.allclose(before[:, 20:], after[:, 20:])
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_config_steps_with_fused_adamw(path):
+    """The fast optimizer is the default a config states: one fused kernel over all parameters."""
+    spec = yaml.safe_load(path.read_text())["model"]["optimizer"]
+    assert spec["class_path"] == "torch.optim.AdamW"
+    parameter = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([parameter], **spec["init_args"])
+    parameter.grad = torch.ones(3)
+    optimizer.step()
+    assert optimizer.defaults["fused"] is True
