@@ -13,6 +13,7 @@ from nanogpt_pl.lecture import LectureGPT, lecture_gradients
 from nanogpt_pl.model import GPT, GPTConfig
 
 TOL = dict(atol=1e-5, rtol=1e-5)
+V7 = next(p for p in CONFIGS if p.stem == "v7")
 
 
 def config_of(path, **changes) -> GPTConfig:
@@ -67,7 +68,7 @@ def test_fast_path_equals_lecture_formulation(path, attn_scale, dropout):
 def test_parity_test_notices_a_wrong_scaling():
     """The comparison is sharp: the two scalings differ, so a mix-up in either formulation fails."""
     torch.manual_seed(0)
-    config = config_of(CONFIGS[-1], n_layer=1, block_size=16)
+    config = config_of(V7, n_layer=1, block_size=16, attn_scale="n_embd")
     fast = GPT(config).eval()
     lecture = LectureGPT.from_gpt(fast)
     lecture.blocks[0].sa.heads[0].scale_by = config.head_dim  # the config says n_embd
@@ -78,7 +79,8 @@ def test_parity_test_notices_a_wrong_scaling():
 def test_fast_path_is_causal_with_and_without_dropout_in_training():
     """In training mode (attention dropout inside SDPA), no position sees a later one."""
     torch.manual_seed(0)
-    config = config_of(CONFIGS[-1], n_layer=2, block_size=32)
+    config = config_of(V7, n_layer=2, block_size=32)
+    assert config.dropout > 0
     model = GPT(config).train()
     idx = torch.randint(config.vocab_size, (1, 32))
     changed = idx.clone()
