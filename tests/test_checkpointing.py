@@ -145,9 +145,7 @@ def test_kills_during_saves_and_sigterm_leave_a_loadable_last_checkpoint(small_t
         proc = popen_fit(args(100_000) + (["--ckpt_path", "last"] if round_ else []), tmp_path)
         wait_for(lambda: steps_after(last, steps), proc, poll=0.01)  # this process has saved
         if round_ < 2:
-            wait_for(partial.exists, proc)  # a save is in progress
-            proc.kill()
-            proc.wait()
+            kill_during_save(proc, partial)
             assert partial.exists(), "the kill landed while a checkpoint was half written"
         else:
             proc.send_signal(signal.SIGTERM)
@@ -160,6 +158,22 @@ def test_kills_during_saves_and_sigterm_leave_a_loadable_last_checkpoint(small_t
     monkeypatch.chdir(tmp_path)
     main(["fit", *args(steps[-1] + 2), "--ckpt_path", "last"])
     assert torch.load(last, weights_only=True)["global_step"] == steps[-1] + 2
+
+
+def kill_during_save(process: subprocess.Popen, partial: Path) -> None:
+    """SIGKILL the process while ``partial`` (a checkpoint being written) exists.
+
+    The process is frozen with SIGSTOP first, so the check and the kill see the same moment: if
+    the write finished in between, it is resumed and the next save is awaited.
+    """
+    while True:
+        wait_for(partial.exists, process)  # a save is in progress
+        process.send_signal(signal.SIGSTOP)
+        if partial.exists():
+            break
+        process.send_signal(signal.SIGCONT)
+    process.kill()
+    process.wait()
 
 
 def steps_after(last: Path, steps: list[int]) -> bool:
