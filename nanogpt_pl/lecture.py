@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanogpt_pl.model import GPT, FeedForward, GPTConfig, _init_normal
+from nanogpt_pl.model import GPT, Block, GPTConfig, _init_normal
 
 
 class Head(nn.Module):
@@ -63,24 +63,6 @@ class MultiHeadAttention(nn.Module):
         return self.dropout(self.proj(out))
 
 
-class Block(nn.Module):
-    """Transformer block: communication followed by computation."""
-
-    def __init__(self, config: GPTConfig) -> None:
-        super().__init__()
-        self.residual = config.residual
-        norm = (lambda: nn.LayerNorm(config.n_embd)) if config.layer_norm else nn.Identity
-        self.ln1, self.ln2 = norm(), norm()
-        self.sa = MultiHeadAttention(config)
-        self.ffwd = FeedForward(config) if config.ffn else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.residual:
-            x = x + self.sa(self.ln1(x))
-            return x + self.ffwd(self.ln2(x))
-        return self.ffwd(self.ln2(self.sa(self.ln1(x))))
-
-
 class LectureGPT(GPT):
     """``GPT`` with the lecture's per-head attention blocks in place of the fused ones.
 
@@ -91,7 +73,7 @@ class LectureGPT(GPT):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__(config)
         if not config.bigram:
-            self.blocks = nn.Sequential(*(Block(config) for _ in range(config.n_layer)))
+            self.blocks = nn.Sequential(*(Block(config, MultiHeadAttention) for _ in range(config.n_layer)))
             if config.init == "normal":
                 self.blocks.apply(_init_normal)
 

@@ -144,14 +144,18 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """Communication (attention) followed by computation (feed-forward)."""
+    """Communication (attention) followed by computation (feed-forward).
 
-    def __init__(self, config: GPTConfig) -> None:
+    ``attention`` is the attention module's class: the fused one here, the lecture's per-head one
+    in ``nanogpt_pl.lecture`` (the reference the fast path is tested against).
+    """
+
+    def __init__(self, config: GPTConfig, attention: type[nn.Module] = MultiHeadAttention) -> None:
         super().__init__()
         self.residual = config.residual
         norm = (lambda: nn.LayerNorm(config.n_embd)) if config.layer_norm else nn.Identity
         self.ln1, self.ln2 = norm(), norm()
-        self.sa = MultiHeadAttention(config)
+        self.sa = attention(config)
         self.ffwd = FeedForward(config) if config.ffn else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
