@@ -15,6 +15,7 @@ block sampler's random streams and the vocabulary). What it leaves out, and what
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -238,9 +239,9 @@ class GracefulStop(Callback):
 class NonFiniteLossGuard(Callback):
     """Stops training at a NaN or infinite loss, naming the step, before a checkpoint could hold it.
 
-    The loss is checked on the device and the verdict read back only where the host waits anyway
-    (every step on a CPU, every ``log_every_n_steps`` otherwise) and, always, before an estimate
-    and before any checkpoint is written: ``last.ckpt`` keeps the last good state.
+    On a CPU the loss is read every step (no wait there). On a GPU it is checked on the device and
+    the verdict read back only every ``log_every_n_steps`` and, always, before an estimate and
+    before any checkpoint is written: ``last.ckpt`` keeps the last good state.
     """
 
     def __init__(self) -> None:
@@ -253,10 +254,14 @@ class NonFiniteLossGuard(Callback):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is None or self._first_bad_step is None:
             return
-        bad = ~torch.isfinite(loss.detach())
         # trainer.global_step now counts the step just taken: "step N" is the N-th optimizer step.
+        if loss.device.type == "cpu":  # reading the loss costs nothing here: one float, no tensor ops
+            if not math.isfinite(loss.item()):
+                self._stop(trainer, trainer.global_step)
+            return
+        bad = ~torch.isfinite(loss.detach())
         self._first_bad_step = torch.where(bad & (self._first_bad_step < 0), trainer.global_step, self._first_bad_step)
-        if loss.device.type == "cpu" or trainer.global_step % trainer.log_every_n_steps == 0:
+        if trainer.global_step % trainer.log_every_n_steps == 0:
             self._check(trainer)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -272,8 +277,10 @@ class NonFiniteLossGuard(Callback):
         if self._first_bad_step is None:
             return
         step = int(self._first_bad_step.item())
-        if step < 0:
-            return
+        if step >= 0:
+            self._stop(trainer, step)
+
+    def _stop(self, trainer: L.Trainer, step: int) -> None:
         self._first_bad_step = None  # report once
         last = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
