@@ -1,16 +1,19 @@
 """Speed of nanogpt_pl against the lecture's plain script, side by side on this machine.
 
-    python benchmarks/run.py                 # full benchmark: v2 and v6 at full length, v7 steps
-    python benchmarks/run.py --max_steps 20  # a quick look (ratios then mean little)
+    python benchmarks/run.py                            # v2 and v6 at full length, v7 steps; 3 rounds
+    python benchmarks/run.py --repeat 1                 # one round: a third of the time, noisier
+    python benchmarks/run.py --max_steps 20 --repeat 1  # a quick look (ratios then mean little)
 
-Each variant runs in a fresh process (``benchmarks/variants.py``), one after the other, so the
-ratios below come from one run under the same conditions. It prints Markdown tables: wall
-seconds from the start of training to the end of the last estimate (the targets' measure; it
-includes compilation), the CPU seconds of that process (steadier when other processes share the
-machine; they leave out inductor's compile workers), and the whole process's wall time, start-up
-and imports included. The small models (v2, v6) run with one intra-op thread in every variant:
-their tensors are too small to split, and a second thread only adds waiting, worst when the
-cores are shared. v7 uses all cores.
+Each variant runs in a fresh process (``benchmarks/variants.py``). A round runs every variant
+once, one after the other; ``--repeat`` rounds follow each other. Every ratio is computed within
+a round, between runs minutes apart, and the tables give its median over the rounds with the
+range: on a shared machine a single run can be off by 10-20%. The tables hold wall seconds from
+the start of training to the end of the last estimate (the targets' measure; it includes
+compilation), the CPU seconds of that process (steadier when other processes share the machine;
+they leave out inductor's compile workers), and the whole process's wall time, start-up and
+imports included, each the median over rounds. The small models (v2, v6) run with one intra-op
+thread in every variant: their tensors are too small to split, and a second thread only adds
+waiting, worst when the cores are shared. v7 uses all cores.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,46 +66,71 @@ def measure(variant: str, config: str, *overrides: str, threads: int | None = No
     return result
 
 
-def protocol_rows(config: str, protocol: list[str]) -> list[str]:
+def rounds(variants: dict[str, tuple], repeat: int) -> list[dict[str, dict]]:
+    """``repeat`` rounds, each running every variant once, in order: a ratio compares two runs of
+    one round, made minutes apart, rather than runs far apart in time."""
+    return [{name: measure(*spec[0], **spec[1]) for name, spec in variants.items()} for _ in range(repeat)]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def ratio(runs: list[dict[str, dict]], name: str, base: str, key: str) -> str:
+    """The median over rounds of name/base, with the range over rounds when there are several."""
+    if name == base:
+        return "1.00"
+    values = [r[name][key] / r[base][key] for r in runs]
+    text = f"{median(values):.2f}"
+    return text + (f" ({min(values):.2f}–{max(values):.2f})" if len(values) > 1 else "")
+
+
+def protocol_rows(config: str, protocol: list[str], repeat: int) -> list[str]:
     """Full training protocol: the lecture's script, a plain loop around our GPT, ``fit``."""
-    runs = {
-        "lecture's plain script": measure("lecture", config, *protocol, threads=1),
-        "plain loop, our GPT": measure("plain", config, *protocol, threads=1),
-        "`fit`": measure("fit", config, *protocol, threads=1),
+    variants = {
+        "lecture's plain script": (("lecture", config, *protocol), {"threads": 1}),
+        "plain loop, our GPT": (("plain", config, *protocol), {"threads": 1}),
+        "`fit`": (("fit", config, *protocol), {"threads": 1}),
     }
     if config == "v6":
-        runs["`fit --model.compile true`"] = measure("fit", config, *protocol, "--model.compile", "true", threads=1)
-    base, plain = runs["lecture's plain script"], runs["plain loop, our GPT"]
+        variants["`fit --model.compile true`"] = (("fit", config, *protocol, "--model.compile", "true"), {"threads": 1})
+    runs = rounds(variants, repeat)
+    base, plain = "lecture's plain script", "plain loop, our GPT"
     rows = []
-    for name, r in runs.items():
+    for name in variants:
+        value = lambda key: median([r[name][key] for r in runs])  # noqa: E731
+        vals = sorted({f"{r[name]['val']:.4f}" for r in runs})  # runs are seeded: one value
         rows.append(
-            f"| {config} | {name} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['process_seconds']:.1f} "
-            f"| {r['val']:.4f} | {r['seconds'] / base['seconds']:.2f} / {r['cpu_seconds'] / base['cpu_seconds']:.2f} "
-            f"| {r['seconds'] / plain['seconds']:.2f} / {r['cpu_seconds'] / plain['cpu_seconds']:.2f} |"
+            f"| {config} | {name} | {value('seconds'):.1f} | {value('cpu_seconds'):.1f} "
+            f"| {value('process_seconds'):.1f} | {', '.join(vals)} "
+            f"| {ratio(runs, name, base, 'seconds')} | {ratio(runs, name, base, 'cpu_seconds')} "
+            f"| {ratio(runs, name, plain, 'seconds')} | {ratio(runs, name, plain, 'cpu_seconds')} |"
         )
-    fit = runs["`fit`"]
-    TARGETS.append(f"- {config}: `fit` / lecture's script {fit['seconds'] / base['seconds']:.2f} wall, "
-                   f"{fit['cpu_seconds'] / base['cpu_seconds']:.2f} CPU" + (" (target: <= 0.40 wall)" if config == "v6" else ""))
-    TARGETS.append(f"- {config}: `fit` / plain loop around our GPT {fit['seconds'] / plain['seconds']:.2f} wall, "
-                   f"{fit['cpu_seconds'] / plain['cpu_seconds']:.2f} CPU (target: <= 1.10)")
+    TARGETS.append(f"- {config}: `fit` / lecture's script {ratio(runs, '`fit`', base, 'seconds')} wall, "
+                   f"{ratio(runs, '`fit`', base, 'cpu_seconds')} CPU" + (" (target: <= 0.40 wall)" if config == "v6" else ""))
+    TARGETS.append(f"- {config}: `fit` / plain loop around our GPT {ratio(runs, '`fit`', plain, 'seconds')} wall, "
+                   f"{ratio(runs, '`fit`', plain, 'cpu_seconds')} CPU (target: <= 1.10)")
     return rows
 
 
-def step_rows(device: str, steps: int) -> list[str]:
+def step_rows(steps: int, repeat: int) -> list[str]:
     """v7 training step: the lecture's formulation in fp32 against the fast path."""
-    runs = {
-        "lecture formulation, fp32": measure("step-lecture", "v7", steps=steps),
-        "fast path, fp32": measure("step-fast", "v7", "--trainer.precision", "32-true", steps=steps),
-        "fast path, v7.yaml precision": measure("step-fast", "v7", steps=steps),
+    variants = {
+        "lecture formulation, fp32": (("step-lecture", "v7"), {"steps": steps}),
+        "fast path, fp32": (("step-fast", "v7", "--trainer.precision", "32-true"), {"steps": steps}),
+        "fast path, v7.yaml precision": (("step-fast", "v7"), {"steps": steps}),
     }
-    base = runs["lecture formulation, fp32"]["step_seconds"]
+    runs = rounds(variants, repeat)
+    base = "lecture formulation, fp32"
     TARGETS.append(f"- v7 step, fast path at v7.yaml's precision / lecture formulation in fp32: "
-                   f"{runs['fast path, v7.yaml precision']['step_seconds'] / base:.2f} (target: <= 0.60)")
+                   f"{ratio(runs, 'fast path, v7.yaml precision', base, 'step_seconds')} (target: <= 0.60)")
     rows = []
-    for name, r in runs.items():
+    for name in variants:
+        step = median([r[name]["step_seconds"] for r in runs])
+        first = runs[0][name]
         rows.append(
-            f"| v7 step | {name} ({r['precision']}, {r['device']}) | {r['step_seconds']:.3f} "
-            f"| {r['tokens_per_second']:,.0f} | {r['step_seconds'] / base:.2f} |"
+            f"| v7 step | {name} ({first['precision']}, {first['device']}) | {step:.3f} "
+            f"| {first['tokens'] / step:,.0f} | {ratio(runs, name, base, 'step_seconds')} |"
         )
     return rows
 
@@ -128,6 +157,8 @@ def main() -> None:
     parser.add_argument("--eval_iters", type=int, default=None, help="shorten the estimate (default: 200)")
     parser.add_argument("--v7_steps", type=int, default=3, help="timed v7 steps per variant, after one warm-up")
     parser.add_argument("--configs", nargs="*", default=["v2", "v6"], help="small configs run at full length")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="rounds of every variant; times are medians, ratios medians of each round's ratio")
     args = parser.parse_args()
     protocol = []
     if args.max_steps is not None:
@@ -138,16 +169,16 @@ def main() -> None:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     print(f"Machine: {cpu_name()}; GPU: {gpu or 'none'}; torch {torch.__version__}; "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
-    print("| config | variant | wall s | CPU s | process s | final val | / lecture (wall / CPU) "
-          "| / plain loop (wall / CPU) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| config | variant | wall s | CPU s | process s | final val | / lecture, wall | / lecture, CPU "
+          "| / plain loop, wall | / plain loop, CPU |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for config in args.configs:
-        for row in protocol_rows(config, protocol):
+        for row in protocol_rows(config, protocol, args.repeat):
             print(row, flush=True)
     if args.v7_steps:
         print("\n| config | variant | s / step | tokens / s | / lecture fp32 |")
         print("|---|---|---|---|---|")
-        for row in step_rows("cuda" if gpu else "cpu", args.v7_steps):
+        for row in step_rows(args.v7_steps, args.repeat):
             print(row, flush=True)
     print("\n| GPU | measure | result |\n|---|---|---|")
     if gpu:

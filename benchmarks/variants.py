@@ -164,7 +164,7 @@ def step_time(parsed, formulation: str, steps: int) -> dict:
         times.append(time.perf_counter() - start)
     step = statistics.median(times[1:])
     tokens = dm.batch_size * dm.block_size
-    return {"step_seconds": step, "tokens_per_second": tokens / step, "precision": precision,
+    return {"step_seconds": step, "tokens": tokens, "tokens_per_second": tokens / step, "precision": precision,
             "device": str(device), "flops_per_step": train_flops(module.model.config, tokens)}
 
 
