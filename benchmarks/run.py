@@ -90,6 +90,7 @@ def protocol_rows(config: str, protocol: list[str], repeat: int) -> list[str]:
     variants = {
         "lecture's plain script": (("lecture", config, *protocol), {"threads": 1}),
         "plain loop, our GPT": (("plain", config, *protocol), {"threads": 1}),
+        "bare Lightning `Trainer`": (("lightning", config, *protocol), {"threads": 1}),
         "`fit`": (("fit", config, *protocol), {"threads": 1}),
     }
     if config == "v6":

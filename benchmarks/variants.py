@@ -8,6 +8,8 @@ steps and at the end):
            (torch.stack of slices), per-batch evaluation with .item(), AdamW's default loop.
   plain    a plain loop around this project's GPT, module and data module: the same batches,
            optimizer and stacked evaluation as ``fit``, without Lightning.
+  lightning  the same module and data module under a bare ``Trainer`` (no logger, checkpoints,
+           progress bar or callbacks): Lightning's loop alone.
   fit      ``python -m nanogpt_pl fit --config CONFIG``, as a user runs it (logger, checkpoints).
 Variants that time training steps (``--steps`` after one warm-up step, median reported):
   step-lecture  the lecture's formulation in fp32;
@@ -27,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,6 +132,22 @@ def plain(parsed) -> dict:
     return {"val": val}
 
 
+# -- Lightning's loop alone ----------------------------------------------------------------------
+def lightning(parsed) -> dict:
+    """The same module and data module under a bare ``Trainer``: no logger, checkpoints, progress
+    bar, model summary or callbacks. Between ``plain`` and ``fit``, it splits ``fit``'s extra time
+    into Lightning's own loop and what the command line adds."""
+    trainer = L.Trainer(
+        accelerator=parsed.trainer.accelerator, devices=1, precision=parsed.trainer.precision,
+        max_steps=parsed.trainer.max_steps, val_check_interval=parsed.trainer.val_check_interval,
+        check_val_every_n_epoch=None, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+        gradient_clip_val=parsed.trainer.gradient_clip_val,
+    )
+    trainer.fit(parsed.model, parsed.datamodule)
+    return {"val": float(trainer.callback_metrics["val/loss"])}
+
+
 # -- the project's own command ------------------------------------------------------------------
 def fit(config: str, overrides: list[str]) -> dict:
     run = cli(["fit", "--config", config, "--data.data_path", str(DATA), *overrides])
@@ -186,7 +205,7 @@ def _matrices(config: GPTConfig):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("variant", choices=["lecture", "plain", "fit", "step-lecture", "step-fast"])
+    parser.add_argument("variant", choices=["lecture", "plain", "lightning", "fit", "step-lecture", "step-fast"])
     parser.add_argument("config")
     parser.add_argument("--steps", type=int, default=3, help="timed steps for step-* variants")
     parser.add_argument("overrides", nargs=argparse.REMAINDER, help="CLI overrides, e.g. --trainer.max_steps 4")
@@ -201,6 +220,8 @@ def main() -> None:
             result = lecture(parsed)
         elif args.variant == "plain":
             result = plain(parsed)
+        elif args.variant == "lightning":
+            result = lightning(parsed)
         else:
             result = step_time(parsed, args.variant.removeprefix("step-"), args.steps)
     result.update(seconds=time.perf_counter() - start_wall, cpu_seconds=time.process_time() - start_cpu)
