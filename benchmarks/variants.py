@@ -1,6 +1,6 @@
 """One benchmark variant in a process of its own; prints one JSON line with what it measured.
 
-    python benchmarks/variants.py VARIANT CONFIG [--max_steps N] [--eval_iters N] [--steps N]
+    python benchmarks/variants.py [--steps N] [--profile N] VARIANT CONFIG [CLI overrides, e.g. --trainer.max_steps 20]
 
 Variants that train (full protocol: max_steps steps, the loss estimate every val_check_interval
 steps and at the end):
@@ -11,7 +11,8 @@ steps and at the end):
   lightning  the same module and data module under a bare ``Trainer`` (no logger, checkpoints,
            progress bar or callbacks): Lightning's loop alone.
   fit      ``python -m nanogpt_pl fit --config CONFIG``, as a user runs it (logger, checkpoints).
-Variants that time training steps (``--steps`` after one warm-up step, median reported):
+Variants that time training steps (``--steps`` after one warm-up step, median reported;
+``--profile N`` also prints torch.profiler's N most expensive operators over those steps):
   step-lecture  the lecture's formulation in fp32;
   step-fast     the fast path at the config's precision (bf16-mixed autocast for v7).
 
@@ -155,7 +156,9 @@ def fit(config: str, overrides: list[str]) -> dict:
 
 
 # -- training step time -------------------------------------------------------------------------
-def step_time(parsed, formulation: str, steps: int) -> dict:
+def step_time(parsed, formulation: str, steps: int, profile: int = 0) -> dict:
+    """Median time of ``steps`` training steps after a warm-up step; with ``profile``, also print
+    ``torch.profiler``'s table of the ``profile`` most expensive operators over the timed steps."""
     module, dm, trainer = parsed.model, parsed.datamodule, parsed.trainer
     device = trainer.strategy.root_device
     precision = str(trainer.precision) if formulation == "fast" else "32-true"
@@ -170,17 +173,27 @@ def step_time(parsed, formulation: str, steps: int) -> dict:
         torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed" else contextlib.nullcontext()
     )
     times = []
-    for _ in range(1 + steps):  # the first step warms up (allocations, kernel selection, compilation)
-        x, y = dm.sample("train", 1, dm._generators["train"], device)
-        start = time.perf_counter()
-        with autocast:
-            _, loss = model(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    # The profiler, if asked for, warms up with the first step and records the timed ones.
+    profiler = None
+    if profile:
+        schedule = torch.profiler.schedule(wait=0, warmup=1, active=steps)
+        profiler = torch.profiler.profile(schedule=schedule, acc_events=True)
+    with profiler or contextlib.nullcontext():
+        for _ in range(1 + steps):  # the first step warms up (allocations, kernel selection, compilation)
+            x, y = dm.sample("train", 1, dm._generators["train"], device)
+            start = time.perf_counter()
+            with autocast:
+                _, loss = model(x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+            if profiler:
+                profiler.step()
+    if profiler:
+        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=profile), file=sys.stderr)
     step = statistics.median(times[1:])
     tokens = dm.batch_size * dm.block_size
     return {"step_seconds": step, "tokens": tokens, "tokens_per_second": tokens / step, "precision": precision,
@@ -208,6 +221,8 @@ def main() -> None:
     parser.add_argument("variant", choices=["lecture", "plain", "lightning", "fit", "step-lecture", "step-fast"])
     parser.add_argument("config")
     parser.add_argument("--steps", type=int, default=3, help="timed steps for step-* variants")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="step-* variants: print torch.profiler's N most expensive operators over the timed steps")
     parser.add_argument("overrides", nargs=argparse.REMAINDER, help="CLI overrides, e.g. --trainer.max_steps 4")
     args = parser.parse_args()
     overrides = args.overrides
@@ -223,7 +238,7 @@ def main() -> None:
         elif args.variant == "lightning":
             result = lightning(parsed)
         else:
-            result = step_time(parsed, args.variant.removeprefix("step-"), args.steps)
+            result = step_time(parsed, args.variant.removeprefix("step-"), args.steps, args.profile)
     result.update(seconds=time.perf_counter() - start_wall, cpu_seconds=time.process_time() - start_cpu)
     print(json.dumps(result))
 
