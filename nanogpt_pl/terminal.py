@@ -148,12 +148,17 @@ def quiet_known_noise() -> None:
     - Lightning (2.6) builds ``torch.utils._pytree.LeafSpec`` objects, which current PyTorch flags
       with a FutureWarning on every fit; the code is Lightning's and works as intended.
     - Lightning prints an advertisement for its cloud logger ("litlogger") on every run.
+    - Lightning's model summary warns that it cannot size a ``bf16-mixed`` model and counts 32 bits
+      per parameter, which is exactly right: under mixed precision the parameters stay float32.
     """
     warnings.filterwarnings(
         "ignore",
         message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
         category=FutureWarning,
         module=r"lightning\.pytorch\.utilities\._pytree",
+    )
+    warnings.filterwarnings(
+        "ignore", message=r"Precision bf16-mixed is not supported by the model summary", category=UserWarning
     )
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         log = logging.getLogger(name)
