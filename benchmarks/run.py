@@ -72,21 +72,18 @@ def rounds(variants: dict[str, tuple], repeat: int) -> list[dict[str, dict]]:
     return [{name: measure(*spec[0], **spec[1]) for name, spec in variants.items()} for _ in range(repeat)]
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values)
-
-
 def ratio(runs: list[dict[str, dict]], name: str, base: str, key: str) -> str:
     """The median over rounds of name/base, with the range over rounds when there are several."""
     if name == base:
         return "1.00"
     values = [r[name][key] / r[base][key] for r in runs]
-    text = f"{median(values):.2f}"
+    text = f"{statistics.median(values):.2f}"
     return text + (f" ({min(values):.2f}–{max(values):.2f})" if len(values) > 1 else "")
 
 
 def protocol_rows(config: str, protocol: list[str], repeat: int) -> list[str]:
-    """Full training protocol: the lecture's script, a plain loop around our GPT, ``fit``."""
+    """Full training protocol: the lecture's script, a plain loop around our GPT, a bare Lightning
+    ``Trainer`` around our module, ``fit``."""
     variants = {
         "lecture's plain script": (("lecture", config, *protocol), {"threads": 1}),
         "plain loop, our GPT": (("plain", config, *protocol), {"threads": 1}),
@@ -99,11 +96,11 @@ def protocol_rows(config: str, protocol: list[str], repeat: int) -> list[str]:
     base, plain = "lecture's plain script", "plain loop, our GPT"
     rows = []
     for name in variants:
-        value = lambda key: median([r[name][key] for r in runs])  # noqa: E731
+        seconds, cpu, process = (statistics.median(r[name][key] for r in runs)
+                                 for key in ("seconds", "cpu_seconds", "process_seconds"))
         vals = sorted({f"{r[name]['val']:.4f}" for r in runs})  # runs are seeded: one value
         rows.append(
-            f"| {config} | {name} | {value('seconds'):.1f} | {value('cpu_seconds'):.1f} "
-            f"| {value('process_seconds'):.1f} | {', '.join(vals)} "
+            f"| {config} | {name} | {seconds:.1f} | {cpu:.1f} | {process:.1f} | {', '.join(vals)} "
             f"| {ratio(runs, name, base, 'seconds')} | {ratio(runs, name, base, 'cpu_seconds')} "
             f"| {ratio(runs, name, plain, 'seconds')} | {ratio(runs, name, plain, 'cpu_seconds')} |"
         )
@@ -127,7 +124,7 @@ def step_rows(steps: int, repeat: int) -> list[str]:
                    f"{ratio(runs, 'fast path, v7.yaml precision', base, 'step_seconds')} (target: <= 0.60)")
     rows = []
     for name in variants:
-        step = median([r[name]["step_seconds"] for r in runs])
+        step = statistics.median(r[name]["step_seconds"] for r in runs)
         first = runs[0][name]
         rows.append(
             f"| v7 step | {name} ({first['precision']}, {first['device']}) | {step:.3f} "

@@ -132,8 +132,9 @@ def _masked_softmax_attention(
 
     ``scaled_dot_product_attention`` has no CPU kernel with dropout: it falls back to its math
     backend, which also computes bfloat16 inputs in float32. These few operations are the same
-    computation and keep autocast's bfloat16 matrix multiplications: about a third less time per
-    layer of v7 in bf16-mixed on the 2-core development CPU, and no slower in float32.
+    computation and keep autocast's bfloat16 matrix multiplications, which cut v7's bf16-mixed
+    training step on the development CPU by a third (docs/performance.md); in float32 they are
+    no slower.
     """
     T = q.size(-2)
     att = (q * scale) @ k.transpose(-2, -1)  # (B, nh, T, T)
