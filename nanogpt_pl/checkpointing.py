@@ -33,6 +33,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from nanogpt_pl.errors import UsageError
+from nanogpt_pl.seeds import stream_seed
 
 LAST = "last"  # ModelCheckpoint's name for the newest checkpoint: last.ckpt (last-v1.ckpt, ... on name clashes)
 
@@ -98,18 +99,22 @@ class GlobalRandomState(Callback):
     run did long before. Each process has its own state (different dropout masks per rank), so all
     of them are gathered into the checkpoint.
 
-    LightningCLI seeds every process alike, which would give every rank the same dropout masks;
-    a fresh run therefore offsets the seed of process r by r once training starts (after the model
-    was built identically everywhere). Process 0 keeps the seed, so one-process runs are unchanged.
+    LightningCLI seeds every process alike, which would give every rank the same dropout masks, and
+    the sampler's streams derive from that same seed; so once training starts (after the model was
+    built identically everywhere) every process reseeds the generator with its own ``dropout``
+    stream seed (``nanogpt_pl.seeds``). A resume continues each saved state; resumed on more
+    processes than saved, the extra ones keep their fresh dropout seed.
     """
 
     def __init__(self) -> None:
         self._device: Optional[torch.device] = None
         self._world_size = 1
+        self._seed = 0
         self._pending: Optional[list[dict]] = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._device, self._world_size = trainer.strategy.root_device, trainer.world_size
+        self._seed = torch.initial_seed()  # the run's seed (seed_everything), before any reseeding
         self._pending = None
 
     def _local_state(self) -> dict:
@@ -130,8 +135,8 @@ class GlobalRandomState(Callback):
         self._pending = state_dict["per_rank"]
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._pending is None and trainer.global_rank > 0:
-            torch.manual_seed(torch.initial_seed() + trainer.global_rank)
+        # Fresh or resumed alike; a resume then restores the saved state at its first step.
+        torch.manual_seed(stream_seed(self._seed, "dropout", trainer.global_rank))
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
@@ -142,9 +147,11 @@ class GlobalRandomState(Callback):
         if len(states) != trainer.world_size:
             rank_zero_warn(
                 f"the checkpoint holds the random state of {len(states)} processes, this run has "
-                f"{trainer.world_size}: dropout masks will differ from those of an uninterrupted run."
+                f"{trainer.world_size}: dropout masks will differ from those of an uninterrupted run "
+                "(process r continues saved state r where there is one, the others keep a fresh seed)."
             )
-            return
+        if trainer.global_rank >= len(states):
+            return  # keeps the dropout seed on_train_start gave it, its own
         state = states[trainer.global_rank]
         torch.set_rng_state(state["cpu"])
         if "cuda" in state and self._device is not None and self._device.type == "cuda":

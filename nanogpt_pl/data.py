@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import IterableDataset
 
 from nanogpt_pl.errors import UsageError
+from nanogpt_pl.seeds import stream_seed
 
 SPLITS = ("train", "val")
 # The sampler's random streams: training batches, and evaluation batches (kept apart so that
@@ -114,12 +115,6 @@ class _Requests:
         return len(self.requests)
 
 
-def stream_seed(seed: int, stream: str, rank: int) -> int:
-    """The seed of one process's sampling stream: every process draws its own blocks, and process 0
-    draws those of a single-process run with the same seed."""
-    return seed + STREAMS.index(stream) + len(STREAMS) * rank
-
-
 class CharDataModule(L.LightningDataModule):
     """Any UTF-8 text file, split 90/10, served as random blocks of characters."""
 
@@ -204,8 +199,8 @@ class CharDataModule(L.LightningDataModule):
                 f"data.eval_iters ({self.eval_iters}) is smaller than the number of processes ({world_size}): "
                 f"each process evaluates at least one batch of each split; set data.eval_iters to {world_size} or more."
             )
-        # The sampler's streams derive from the run's seed (seed_everything) so runs repeat, offset
-        # by the process's rank: LightningCLI seeds every process alike, yet each must draw its own
+        # The sampler's streams derive from the run's seed (seed_everything) so runs repeat, and
+        # from the process's rank: LightningCLI seeds every process alike, yet each must draw its own
         # blocks. A checkpoint's streams, restored by load_state_dict, take precedence.
         seed = torch.initial_seed()
         for name in STREAMS:

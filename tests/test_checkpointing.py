@@ -225,14 +225,37 @@ def test_fresh_fit_never_resumes_and_last_needs_a_checkpoint(small_text, tmp_pat
     assert all(torch.equal(again["state_dict"][k], v) for k, v in first["state_dict"].items())
 
 
-def test_each_process_draws_its_own_dropout_masks():
+def test_each_process_draws_its_own_dropout_masks_fresh_and_resumed_on_more_processes():
     from types import SimpleNamespace
 
     from nanogpt_pl.checkpointing import GlobalRandomState
 
+    def started(rank: int, world_size: int, saved=None) -> GlobalRandomState:
+        torch.manual_seed(1337)  # as LightningCLI seeds every process
+        trainer = SimpleNamespace(global_rank=rank, world_size=world_size, strategy=SimpleNamespace(root_device=torch.device("cpu")))
+        callback = GlobalRandomState()
+        callback.setup(trainer, None, "fit")
+        if saved is not None:
+            callback.load_state_dict({"per_rank": saved})
+        callback.on_train_start(trainer, None)
+        callback.on_train_batch_start(trainer, None, None, 0)
+        return callback
+
     draws = []
     for rank in (0, 1, 0):
-        torch.manual_seed(1337)  # as LightningCLI seeds every process
-        GlobalRandomState().on_train_start(SimpleNamespace(global_rank=rank), None)
+        started(rank, 2)
         draws.append(torch.rand(4))
     assert torch.equal(draws[0], draws[2]) and not torch.equal(draws[0], draws[1])
+    torch.manual_seed(1337)
+    assert not torch.equal(draws[0], torch.rand(4)), "rank 0 draws from the run seed itself"
+
+    # Two saved states, three processes: 0 and 1 continue theirs, 2 draws masks of its own.
+    saved = [{"cpu": torch.Generator().manual_seed(s).get_state()} for s in (7, 8)]
+    resumed = []
+    for rank in range(3):
+        with pytest.warns(UserWarning, match="random state of 2 processes, this run has 3"):
+            started(rank, 3, saved)
+        resumed.append(torch.rand(4))
+    for rank in (0, 1):
+        assert torch.equal(resumed[rank], torch.rand(4, generator=torch.Generator().set_state(saved[rank]["cpu"])))
+    assert all(not torch.equal(resumed[2], other) for other in resumed[:2] + draws)

@@ -15,7 +15,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import REPO, SHAKESPEARE, run_cli
-from nanogpt_pl.data import STREAMS, CharDataModule, stream_seed
+from nanogpt_pl.data import CharDataModule
 from nanogpt_pl.errors import UsageError
 from nanogpt_pl.module import GPTModule
 
@@ -134,12 +134,6 @@ def test_ddp_checkpoint_resumes_single_process_and_generates(runs):
 def attached(dm: CharDataModule, rank: int, world_size: int) -> CharDataModule:
     dm.trainer = SimpleNamespace(global_rank=rank, world_size=world_size)
     return dm
-
-
-def test_stream_seeds_differ_across_processes_and_rank_0_keeps_single_process_seeds():
-    seeds = [stream_seed(1337, name, rank) for rank in range(8) for name in STREAMS]
-    assert len(set(seeds)) == len(seeds)
-    assert [stream_seed(1337, name, 0) for name in STREAMS] == [1337, 1338]
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 8])
