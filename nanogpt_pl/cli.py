@@ -54,10 +54,10 @@ class GPTCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # Stated once, in data; the model follows.
         parser.link_arguments("data.block_size", "model.config.block_size")
-        # The vocabulary is the data file's. Reading it while parsing also checks the file before
-        # anything is built or written.
+        # The vocabulary is the corpus's. Reading it (from the token cache, built on first use)
+        # while parsing also checks the text before anything is built or written.
         parser.link_arguments(
-            ("data.data_path", "data.block_size", "data.train_fraction"),
+            ("data.data_path", "data.block_size", "data.train_fraction", "data.cache_dir"),
             "model.config.vocab_size",
             compute_fn=vocab_size_of,
         )

@@ -6,10 +6,12 @@ from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple, Optional
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import IterableDataset
 
+from nanogpt_pl.corpus import check_splits, load_corpus
 from nanogpt_pl.errors import UsageError
 from nanogpt_pl.seeds import stream_seed
 
@@ -23,34 +25,22 @@ STREAMS = ("train", "eval")
 # This caps the tokens per pass so memory stays bounded for large batch and block sizes.
 EVAL_TOKENS_PER_FORWARD = 2**16
 
+# The most of an accelerator's free memory the text may take to be copied there whole (set when
+# training starts, before activations and optimizer state claim theirs).
+DEVICE_SHARE = 0.25
 
-def read_text(path: Path, block_size: int, train_fraction: float) -> str:
-    """The text of a data file, checked to be long enough for blocks in both splits.
 
-    Every failure is one line that names the file and the fix.
+def vocab_size_of(
+    data_path: str, block_size: int, train_fraction: float, cache_dir: Optional[str] = None
+) -> int:
+    """How many distinct characters a corpus holds: the model's ``vocab_size``.
+
+    Reads the corpus's cache (building it on first use), which also checks the text: every failure
+    is one line that names the file and the fix.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"data file not found: {path} (set data.data_path to a UTF-8 text file).")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise UsageError(f"data file {path} is not UTF-8 text (byte {err.start}); convert it to UTF-8.") from None
-    if not text:
-        raise UsageError(f"data file {path} is empty; point data.data_path to a text to train on.")
-    n_train = int(train_fraction * len(text))
-    for split, length in (("train", n_train), ("val", len(text) - n_train)):
-        if length < block_size + 1:
-            raise UsageError(
-                f"the {split} split of {path} has {length} characters, fewer than block_size + 1 = "
-                f"{block_size + 1}: use a longer text or a smaller data.block_size."
-            )
-    return text
-
-
-def vocab_size_of(data_path: str, block_size: int, train_fraction: float) -> int:
-    """How many distinct characters a data file holds: the model's ``vocab_size``."""
-    return len(set(read_text(data_path, block_size, train_fraction)))
+    corpus = load_corpus(data_path, cache_dir)
+    check_splits(len(corpus.tokens), corpus.path, block_size, train_fraction)
+    return len(corpus.chars)
 
 
 class CharTokenizer:
@@ -116,7 +106,7 @@ class _Requests:
 
 
 class CharDataModule(L.LightningDataModule):
-    """Any UTF-8 text file, split 90/10, served as random blocks of characters."""
+    """Any UTF-8 text (a file, or a folder of ``.txt`` files), split 90/10, served as random blocks of characters."""
 
     def __init__(
         self,
@@ -125,14 +115,18 @@ class CharDataModule(L.LightningDataModule):
         batch_size: int = 64,
         eval_iters: int = 200,
         train_fraction: float = 0.9,
+        cache_dir: Optional[str] = None,
     ) -> None:
         """
         Args:
-            data_path: UTF-8 text file to train on; its sorted set of characters is the vocabulary.
+            data_path: UTF-8 text file to train on, or a folder whose ``*.txt`` files, sorted by
+                path, are concatenated; its sorted set of characters is the vocabulary.
             block_size: Characters per training example (the model's context length).
             batch_size: Random blocks per training step (per device).
             eval_iters: Random batches per split averaged into each train/val loss estimate.
             train_fraction: Leading fraction of the text used for training; the rest is validation.
+            cache_dir: Where the text's token ids are cached, read once and memory-mapped by every
+                run (null: $XDG_CACHE_HOME/nanogpt_pl, i.e. ~/.cache/nanogpt_pl).
         """
         super().__init__()
         for name, value in (("block_size", block_size), ("batch_size", batch_size), ("eval_iters", eval_iters)):
@@ -146,9 +140,12 @@ class CharDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.eval_iters = eval_iters
         self.train_fraction = train_fraction
+        self.cache_dir = cache_dir
         self._tokenizer: Optional[CharTokenizer] = None
-        self._splits: dict[str, torch.Tensor] = {}
+        self._splits: dict[str, np.ndarray] = {}  # memory maps of the cached token ids
+        self._on_device: dict[tuple[str, torch.device], Optional[torch.Tensor]] = {}  # None: does not fit
         self._generators: dict[str, torch.Generator] = {}
+        self._generator_device = torch.device("cpu")
 
     # -- the text ---------------------------------------------------------------------------
     @property
@@ -161,30 +158,68 @@ class CharDataModule(L.LightningDataModule):
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
 
+    def prepare_data(self) -> None:
+        # Lightning calls this on one process per machine while the others wait: the cache is
+        # built once, then every process maps the same file.
+        load_corpus(self.data_path, self.cache_dir)
+
     def _load(self) -> None:
-        """Read, check and encode the text once."""
-        text = read_text(self.data_path, self.block_size, self.train_fraction)
-        tokenizer = CharTokenizer.from_text(text)
-        data = torch.tensor(tokenizer.encode(text), dtype=torch.long)
-        n = int(self.train_fraction * len(data))
-        self._tokenizer, self._splits = tokenizer, {"train": data[:n], "val": data[n:]}
+        """Map the cached token ids (building the cache if missing) and check the splits."""
+        corpus = load_corpus(self.data_path, self.cache_dir)
+        n = check_splits(len(corpus.tokens), corpus.path, self.block_size, self.train_fraction)
+        self._tokenizer = CharTokenizer(corpus.chars)
+        self._splits = {"train": corpus.tokens[:n], "val": corpus.tokens[n:]}
+        self._on_device = {}
 
     # -- sampling ---------------------------------------------------------------------------
     def sample(
         self, split: str, n_batches: int = 1, generator: Optional[torch.Generator] = None,
         device: Optional[torch.device] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``n_batches * batch_size`` random blocks of ``split``: x (N, block_size) and y, x shifted by one."""
+        """``n_batches * batch_size`` random blocks of ``split``: x (N, block_size) and y, x shifted by one.
+
+        The offsets are the lecture's ``torch.randint`` draws from ``generator``. On an accelerator
+        the split lives there when it fits: with a generator on that device, drawing and gathering
+        queue on the device and the host never waits for it. Otherwise the blocks are gathered from
+        the memory map on the host (on a CPU, with the same draws as the lecture's in-memory
+        tensor) and, for an accelerator, sent from pinned memory without blocking.
+        """
         if not self._splits:
             self._load()
-        data = self._splits[split]
-        if device is not None and data.device != device:
-            data = self._splits[split] = data.to(device)
         n = n_batches * self.batch_size
-        ix = torch.randint(len(data) - self.block_size, (n,), generator=generator)
-        offsets = ix.to(data.device)[:, None] + torch.arange(self.block_size + 1, device=data.device)
-        blocks = data[offsets]  # (N, block_size + 1)
+        high = len(self._splits[split]) - self.block_size
+        data = self._device_split(split, torch.device(device)) if device is not None else None
+        if data is not None:
+            gen_device = generator.device if generator is not None else data.device
+            ix = torch.randint(high, (n,), generator=generator, device=gen_device).to(data.device)
+            blocks = data[ix[:, None] + torch.arange(self.block_size + 1, device=data.device)].long()
+        else:
+            ix = torch.randint(high, (n,), generator=generator)
+            offsets = ix.numpy()[:, None] + np.arange(self.block_size + 1)
+            blocks = torch.from_numpy(self._splits[split][offsets])  # (N, block_size + 1), gathered from the map
+            if device is not None and torch.device(device).type != "cpu":
+                blocks = blocks.pin_memory().to(device, non_blocking=True)
+            blocks = blocks.long()
         return blocks[:, :-1], blocks[:, 1:]
+
+    def _device_split(self, split: str, device: torch.device) -> Optional[torch.Tensor]:
+        """``split`` copied once to an accelerator, if the whole text fits there; None on a CPU
+        (the memory map is already in host memory) and where it does not fit."""
+        if device.type == "cpu":
+            return None
+        key = (split, device)
+        if key not in self._on_device:
+            self._on_device[key] = None
+            if self._fits(device):
+                self._on_device[key] = _to_device(self._splits[split], device)
+        return self._on_device[key]
+
+    def _fits(self, device: torch.device) -> bool:
+        """Whether the text (both splits) takes at most DEVICE_SHARE of the accelerator's free memory."""
+        if device.type != "cuda":
+            return device.type != "cpu"
+        n_bytes = sum(len(s) for s in self._splits.values()) * _device_dtype(self._splits["train"]).itemsize
+        return n_bytes <= DEVICE_SHARE * torch.cuda.mem_get_info(device)[0]
 
     def _process(self) -> tuple[int, int]:
         """(global rank, world size) of this process: (0, 1) outside a distributed run."""
@@ -199,13 +234,20 @@ class CharDataModule(L.LightningDataModule):
                 f"data.eval_iters ({self.eval_iters}) is smaller than the number of processes ({world_size}): "
                 f"each process evaluates at least one batch of each split; set data.eval_iters to {world_size} or more."
             )
+        # The streams draw where the blocks are gathered: on the training device when the text
+        # lives there (no host-device sync per step), on the CPU otherwise (as the lecture does).
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        self._generator_device = device if device.type != "cpu" and self._fits(device) else torch.device("cpu")
         # The sampler's streams derive from the run's seed (seed_everything) so runs repeat, and
         # from the process's rank: LightningCLI seeds every process alike, yet each must draw its own
         # blocks. A checkpoint's streams, restored by load_state_dict, take precedence.
         seed = torch.initial_seed()
         for name in STREAMS:
             if name not in self._generators:
-                self._generators[name] = torch.Generator().manual_seed(stream_seed(seed, name, rank))
+                self._generators[name] = self._generator().manual_seed(stream_seed(seed, name, rank))
+
+    def _generator(self) -> torch.Generator:
+        return torch.Generator(device=self._generator_device)
 
     # Plain iterables of requests rather than DataLoaders: a request is a few bytes and its blocks
     # are drawn on the device, so worker processes would have nothing to do.
@@ -285,5 +327,29 @@ class CharDataModule(L.LightningDataModule):
         if rank >= len(saved):
             return
         for name, g_state in saved[rank].items():
-            self._generators[name] = torch.Generator()
-            self._generators[name].set_state(g_state)
+            generator = self._generator()
+            try:
+                generator.set_state(g_state)
+            except RuntimeError:  # a state of another kind of generator (CPU vs. CUDA)
+                rank_zero_warn(
+                    f"the checkpoint's {name!r} sampling stream was drawn on another kind of device than "
+                    f"{self._generator_device.type}; this run starts that stream afresh from the seed."
+                )
+                continue
+            self._generators[name] = generator
+
+
+def _device_dtype(tokens: np.ndarray) -> torch.dtype:
+    """uint8 ids stay uint8 on the device; wider ones become int32 (gathering wider unsigned types
+    is not implemented everywhere in torch)."""
+    return torch.uint8 if tokens.dtype == np.uint8 else torch.int32
+
+
+def _to_device(tokens: np.ndarray, device: torch.device, chunk: int = 1 << 26) -> torch.Tensor:
+    """A copy of a memory-mapped array on ``device``, sent in chunks so host memory stays bounded."""
+    dtype = _device_dtype(tokens)
+    out = torch.empty(len(tokens), dtype=dtype, device=device)
+    for start in range(0, len(tokens), chunk):
+        piece = np.array(tokens[start : start + chunk], dtype=np.uint8 if dtype == torch.uint8 else np.int32)
+        out[start : start + len(piece)].copy_(torch.from_numpy(piece))
+    return out

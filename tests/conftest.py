@@ -24,6 +24,14 @@ TINY = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def token_cache(tmp_path_factory, monkeypatch) -> Path:
+    """Every test's token cache in a temporary folder: tests never write the user's ~/.cache."""
+    cache = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    return cache / "nanogpt_pl"
+
+
 @pytest.fixture
 def small_text(tmp_path: Path) -> Path:
     """The first 20,000 characters of Tiny Shakespeare: every character class, trains in seconds."""
