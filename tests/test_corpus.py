@@ -1,0 +1,160 @@
+"""The token cache: the same ids and blocks as the in-memory path, never stale, and every failure one line."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import CONFIGS, SHAKESPEARE, TINY
+from nanogpt_pl import corpus
+from nanogpt_pl.cli import main
+from nanogpt_pl.corpus import load_corpus
+from nanogpt_pl.data import CharDataModule, CharTokenizer, vocab_size_of
+from nanogpt_pl.errors import UsageError
+
+
+def in_memory_sample(data: torch.Tensor, block_size: int, batch_size: int, n_batches: int, generator):
+    """The sampler as it was before the cache: the whole text as one int64 tensor."""
+    ix = torch.randint(len(data) - block_size, (n_batches * batch_size,), generator=generator)
+    offsets = ix.to(data.device)[:, None] + torch.arange(block_size + 1, device=data.device)
+    blocks = data[offsets]
+    return blocks[:, :-1], blocks[:, 1:]
+
+
+def test_tiny_shakespeare_gives_the_same_ids_and_blocks_as_in_memory():
+    text = SHAKESPEARE.read_text(encoding="utf-8")
+    tokenizer = CharTokenizer.from_text(text)
+    data = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    n = int(0.9 * len(data))
+    reference = {"train": data[:n], "val": data[n:]}
+    dm = CharDataModule(data_path=str(SHAKESPEARE), block_size=32, batch_size=16)
+    dm.setup("fit")
+    assert dm.tokenizer.chars == tokenizer.chars
+    assert dm._splits["train"].dtype == np.uint8
+    assert np.array_equal(np.concatenate([dm._splits["train"], dm._splits["val"]]), data.numpy())
+    for split, n_batches in (("train", 1), ("val", 5), ("train", 3)):
+        ours, theirs = torch.Generator().manual_seed(1337), torch.Generator().manual_seed(1337)
+        for _ in range(3):
+            x, y = dm.sample(split, n_batches, ours)
+            x_ref, y_ref = in_memory_sample(reference[split], 32, 16, n_batches, theirs)
+            assert x.dtype == x_ref.dtype and torch.equal(x, x_ref) and torch.equal(y, y_ref)
+
+
+def test_chunk_boundaries_and_wide_vocabularies_keep_the_ids(tmp_path, monkeypatch):
+    # 300 distinct characters (uint16), multi-byte ones split across 7-byte chunks, ASCII runs between.
+    text = "".join(chr(0x400 + i) + "ab\n" + chr(0x1F600 + i % 40) for i in range(300)) * 3
+    path = tmp_path / "wide.txt"
+    path.write_text(text, encoding="utf-8")
+    monkeypatch.setattr(corpus, "CHUNK_BYTES", 7)
+    loaded = load_corpus(path, tmp_path / "cache")
+    tokenizer = CharTokenizer.from_text(text)
+    assert loaded.chars == tokenizer.chars and loaded.tokens.dtype == np.uint16
+    assert loaded.tokens.tolist() == tokenizer.encode(text)
+
+
+def test_a_folder_is_its_txt_files_in_order_without_byte_order_marks(tmp_path):
+    folder = tmp_path / "books"
+    folder.mkdir()
+    (folder / "b.txt").write_bytes(corpus.BOM + "second book\n".encode())
+    (folder / "a.txt").write_text("first book\n" * 3, encoding="utf-8")
+    (folder / "notes.md").write_text("not part of it: Z")
+    loaded = load_corpus(folder, tmp_path / "cache")
+    assert CharTokenizer(loaded.chars).decode(loaded.tokens.tolist()) == "first book\n" * 3 + "second book\n"
+    assert "\ufeff" not in loaded.chars and "Z" not in loaded.chars
+
+
+def test_an_edited_text_is_never_served_stale(tmp_path):
+    path, cache = tmp_path / "t.txt", tmp_path / "cache"
+    path.write_text("abcabc" * 10)
+    assert load_corpus(path, cache).chars == "abc"
+    stat = path.stat()
+    path.write_text("xyzxyz" * 10)  # same size; the modification time is what tells them apart
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    assert load_corpus(path, cache).chars == "xyz"
+    assert vocab_size_of(str(path), 4, 0.9, str(cache)) == 3
+
+
+def entries(cache) -> list:
+    """What the cache holds besides its lock files."""
+    return sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock")) if cache.exists() else []
+
+
+def test_a_bad_byte_deep_inside_is_named_and_leaves_no_cache(tmp_path, monkeypatch):
+    path, cache = tmp_path / "big.txt", tmp_path / "cache"
+    path.write_bytes("é".encode() * 5000 + b"\xff" + b"tail" * 100)
+    monkeypatch.setattr(corpus, "CHUNK_BYTES", 999)  # odd: chunks end inside characters
+    with pytest.raises(UsageError, match=rf"{path} is not UTF-8 text \(byte 10000\)"):
+        load_corpus(path, cache)
+    assert entries(cache) == []
+
+
+def test_a_full_disk_leaves_no_cache(tmp_path, monkeypatch):
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(corpus.os, "fsync", full)
+    cache = tmp_path / "cache"
+    with pytest.raises(UsageError, match="No space left on device.*data.cache_dir") as info:
+        load_corpus(SHAKESPEARE, cache)
+    assert "\n" not in str(info.value) and entries(cache) == []
+
+
+def run_main(args, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in err, err
+    return lines[0]
+
+
+BAD_CORPORA = {
+    "not UTF-8": (lambda t: ["--data.data_path", write_bytes(t / "bad.txt", b"ok\n" * 50 + b"\xc3(")],
+                  "bad.txt is not UTF-8 text (byte 150)"),
+    "folder without .txt files": (lambda t: ["--data.data_path", str(make_folder(t / "empty_folder"))],
+                                  "holds no .txt files"),
+    "unwritable cache location": (lambda t: ["--data.cache_dir", write_bytes(t / "a_file", b"")],
+                                  "set data.cache_dir to a writable folder"),
+}
+
+
+def write_bytes(path, content: bytes) -> str:
+    path.write_bytes(content)
+    return str(path)
+
+
+def make_folder(path):
+    path.mkdir()
+    (path / "readme.md").write_text("no texts here")
+    return path
+
+
+@pytest.mark.parametrize("name", BAD_CORPORA)
+def test_bad_corpora_are_one_line_and_write_nothing(name, tmp_path, monkeypatch, capsys):
+    extra, message = BAD_CORPORA[name]
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    line = run_main(["fit", "--config", str(CONFIGS[1]), "--data.data_path", str(SHAKESPEARE), *TINY,
+                     *extra(tmp_path)], capsys)
+    assert message in line
+    assert list(work.iterdir()) == [], "a failed start left files behind"
+
+
+def test_a_folder_trains_from_the_command_line(tmp_path, monkeypatch, token_cache):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    text = SHAKESPEARE.read_text(encoding="utf-8")[:20_000]
+    (folder / "1.txt").write_text(text[:12_000], encoding="utf-8")
+    (folder / "2.txt").write_text(text[12_000:], encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(CONFIGS[1]), "--data.data_path", str(folder), *TINY])
+    ckpt = next((tmp_path / "tb_logs").rglob("*.ckpt"))
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert saved["CharDataModule"]["vocab"] == "".join(sorted(set(text)))
+    assert len(entries(token_cache)) == 1  # built once, at parse time; fit mapped the same entry
