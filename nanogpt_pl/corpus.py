@@ -26,6 +26,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import tempfile
@@ -100,8 +101,13 @@ def load_corpus(data_path: str | os.PathLike, cache_dir: Optional[str | os.PathL
     if meta["n_tokens"] == 0:
         what = "data folder" if path.is_dir() else "data file"
         raise UsageError(f"{what} {path} is empty; point data.data_path to a text to train on.")
-    tokens = np.memmap(entry / TOKENS, dtype=meta["dtype"], mode="r", shape=(meta["n_tokens"],))
-    return Corpus(meta["vocab"], tokens, path)
+    with open(entry / TOKENS, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if hasattr(mmap, "MADV_RANDOM"):
+        # Blocks are read at random offsets: the kernel's readahead (megabytes per fault on many
+        # disks) would otherwise pull most of a large corpus into this process's memory.
+        mapped.madvise(mmap.MADV_RANDOM)
+    return Corpus(meta["vocab"], np.frombuffer(mapped, dtype=meta["dtype"], count=meta["n_tokens"]), path)
 
 
 @contextmanager
@@ -178,9 +184,10 @@ def _encode(files: list[Path], out: Path, id_type) -> tuple[str, int]:
     n_tokens = 0
     with open(out, "wb") as f:
         for codepoints in _codepoints(files):
-            if codepoints.dtype == np.uint8:  # ASCII: a histogram finds the characters present
-                new = np.flatnonzero(np.bincount(codepoints, minlength=256))
-                new = new[~seen[new]]
+            if codepoints.dtype == np.uint8:  # ASCII: mark the characters present
+                present = np.zeros(256, dtype=bool)
+                present[codepoints] = True
+                new = np.flatnonzero(present & ~seen[:256])
             else:
                 new = np.unique(codepoints[~seen[codepoints]])
             for cp in new.tolist():

@@ -194,7 +194,8 @@ class CharDataModule(L.LightningDataModule):
             ix = torch.randint(high, (n,), generator=generator, device=gen_device).to(data.device)
             blocks = data[ix[:, None] + torch.arange(self.block_size + 1, device=data.device)].long()
         else:
-            ix = torch.randint(high, (n,), generator=generator)
+            gen_device = generator.device if generator is not None else None
+            ix = torch.randint(high, (n,), generator=generator, device=gen_device).cpu()
             offsets = ix.numpy()[:, None] + np.arange(self.block_size + 1)
             blocks = torch.from_numpy(self._splits[split][offsets])  # (N, block_size + 1), gathered from the map
             if device is not None and torch.device(device).type != "cpu":
@@ -237,7 +238,8 @@ class CharDataModule(L.LightningDataModule):
         # The streams draw where the blocks are gathered: on the training device when the text
         # lives there (no host-device sync per step), on the CPU otherwise (as the lecture does).
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
-        self._generator_device = device if device.type != "cpu" and self._fits(device) else torch.device("cpu")
+        on_device = [self._device_split(split, device) for split in SPLITS]  # copied now, if they fit
+        self._generator_device = device if all(s is not None for s in on_device) else torch.device("cpu")
         # The sampler's streams derive from the run's seed (seed_everything) so runs repeat, and
         # from the process's rank: LightningCLI seeds every process alike, yet each must draw its own
         # blocks. A checkpoint's streams, restored by load_state_dict, take precedence.
