@@ -104,8 +104,8 @@ def load_corpus(data_path: str | os.PathLike, cache_dir: Optional[str | os.PathL
     with open(entry / TOKENS, "rb") as f:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     if hasattr(mmap, "MADV_RANDOM"):
-        # Blocks are read at random offsets: the kernel's readahead (megabytes per fault on many
-        # disks) would otherwise pull most of a large corpus into this process's memory.
+        # Blocks are read at random offsets: without this, each fault on a corpus that is not in
+        # the page cache reads ahead (8 MB on some disks) far more than the block it needs.
         mapped.madvise(mmap.MADV_RANDOM)
     return Corpus(meta["vocab"], np.frombuffer(mapped, dtype=meta["dtype"], count=meta["n_tokens"]), path)
 

@@ -237,7 +237,8 @@ class CharDataModule(L.LightningDataModule):
             )
         # The streams draw where the blocks are gathered: on the training device when the text
         # lives there (no host-device sync per step), on the CPU otherwise (as the lecture does).
-        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        strategy = getattr(self.trainer, "strategy", None)
+        device = strategy.root_device if strategy is not None else torch.device("cpu")
         on_device = [self._device_split(split, device) for split in SPLITS]  # copied now, if they fit
         self._generator_device = device if all(s is not None for s in on_device) else torch.device("cpu")
         # The sampler's streams derive from the run's seed (seed_everything) so runs repeat, and
