@@ -158,3 +158,13 @@ def test_a_folder_trains_from_the_command_line(tmp_path, monkeypatch, token_cach
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert saved["CharDataModule"]["vocab"] == "".join(sorted(set(text)))
     assert len(entries(token_cache)) == 1  # built once, at parse time; fit mapped the same entry
+
+
+def test_a_stream_saved_on_another_kind_of_device_restarts_with_a_warning(small_text):
+    dm = CharDataModule(data_path=str(small_text), block_size=8, batch_size=4)
+    dm.setup("fit")
+    fresh = dm._generators["train"].get_state()
+    cuda_like = {"train": torch.zeros(16, dtype=torch.uint8), "eval": dm._generators["eval"].get_state()}
+    with pytest.warns(UserWarning, match="'train' sampling stream was drawn on another kind of device"):
+        dm.load_state_dict({"vocab": dm.tokenizer.chars, "generators": cuda_like})
+    assert torch.equal(dm._generators["train"].get_state(), fresh)
