@@ -47,8 +47,8 @@ def test_non_logging_steps_do_not_sync(text_on_device, small_text, tmp_path, mon
     if not text_on_device:  # as for a corpus larger than the device's memory
         monkeypatch.setattr(data, "DEVICE_SHARE", 0.0)
     monkeypatch.chdir(tmp_path)
-    run = cli([
-        "fit", "--config", str(REPO / "configs" / "v7.yaml"), "--data.data_path", str(small_text),
+    run = cli([  # run=False: the trainer is built, not run, so no subcommand
+        "--config", str(REPO / "configs" / "v7.yaml"), "--data.data_path", str(small_text),
         "--model.config.n_embd", "64", "--model.config.n_head", "2", "--model.config.n_layer", "2",
         "--data.block_size", "32", "--data.batch_size", "8", "--data.eval_iters", "2",
         "--trainer.max_steps", str(STEPS), "--trainer.val_check_interval", str(STEPS),
