@@ -341,7 +341,8 @@ class NonFiniteLossGuard(Callback):
             return
         # "step N" is the N-th optimizer step, the one this batch belongs to.
         bad = ~torch.isfinite(loss.detach())
-        self._first_bad_step = torch.where(bad, self._first_bad_step.clamp(max=steps.optimizer_step(trainer)), self._first_bad_step)
+        first_if_bad = self._first_bad_step.clamp(max=steps.optimizer_step(trainer))
+        self._first_bad_step = torch.where(bad, first_if_bad, self._first_bad_step)
         alone_on_cpu = trainer.world_size == 1 and loss.device.type == "cpu"
         if steps.is_logging_step(trainer) or (alone_on_cpu and steps.ends_optimizer_step(trainer)):
             self._check(trainer)

@@ -233,7 +233,8 @@ def test_each_process_draws_its_own_dropout_masks_fresh_and_resumed_on_more_proc
 
     def started(rank: int, world_size: int, saved=None) -> GlobalRandomState:
         torch.manual_seed(1337)  # as LightningCLI seeds every process
-        trainer = SimpleNamespace(global_rank=rank, world_size=world_size, strategy=SimpleNamespace(root_device=torch.device("cpu")))
+        cpu = SimpleNamespace(root_device=torch.device("cpu"))
+        trainer = SimpleNamespace(global_rank=rank, world_size=world_size, strategy=cpu)
         callback = GlobalRandomState()
         callback.setup(trainer, None, "fit")
         if saved is not None:
