@@ -6,8 +6,8 @@ block sampler's random streams and the vocabulary). What it leaves out, and what
 - ``GlobalRandomState``: the global torch generator that dropout draws from, per process.
 - ``AtomicCheckpointIO``: a checkpoint appears complete under its name, or not at all.
 - ``LastCheckpoint``: ``last.ckpt`` follows every estimate, not only the improving ones.
-- ``GracefulStop``: SIGTERM and the first Ctrl-C finish the current step (and a running estimate),
-  write ``last.ckpt`` and exit; a second Ctrl-C quits at once.
+- ``GracefulStop``: SIGTERM and the first Ctrl-C stop every process at the same optimizer step
+  (after a running estimate), write ``last.ckpt`` and exit; a second Ctrl-C quits at once.
 - ``NonFiniteLossGuard``: a NaN/inf training loss stops the run before anything overwrites the
   last good checkpoint.
 - ``find_last_checkpoint``: what ``--ckpt_path last`` means on the command line.
@@ -15,9 +15,9 @@ block sampler's random streams and the vocabulary). What it leaves out, and what
 
 from __future__ import annotations
 
-import math
 import os
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -32,6 +32,7 @@ from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from nanogpt_pl import steps
 from nanogpt_pl.errors import UsageError
 from nanogpt_pl.seeds import stream_seed
 
@@ -159,30 +160,45 @@ class GlobalRandomState(Callback):
 
 
 class GracefulStop(Callback):
-    """SIGTERM or Ctrl-C: finish the step, write ``last.ckpt``, exit. A second Ctrl-C quits at once.
+    """SIGTERM or Ctrl-C: every process stops at the same optimizer step, writes ``last.ckpt`` and
+    exits; a second Ctrl-C quits at once.
 
-    Lightning itself stops at the end of a step when it receives SIGTERM; Ctrl-C is handed to that
-    same path. Lightning would also abandon a loss estimate half-way, leaving a state no
-    uninterrupted run passes through; here the estimate finishes first, so resuming is exact.
+    A signal only raises a flag in the process that receives it, so a signal to any one process is
+    enough. The processes compare flags where a stop can take effect: at the end of each logging
+    step (of every optimizer step in one process, where comparing costs nothing) and at the end of
+    each estimate, before its checkpoints are written. Once agreed, they stop after that step, never
+    inside an accumulation window, and after the step's estimate if one is due: Lightning would
+    abandon it half-way, a state no uninterrupted run passes through, so resuming is exact. A signal
+    that arrives once the last step is done changes nothing: the run finishes and exits 0.
     (Lightning's own Ctrl-C handling stops mid-step and saves nothing.)
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
-        self._trainer: Optional[L.Trainer] = None
-        self._lightning_handler = None
         self._previous: dict[int, Any] = {}
         self._received: Optional[int] = None
+        self._stopping = False  # agreed by every process: stop at the end of this step
+        self._finishing = False  # the last step is done: the run ends as planned, signals or not
         self._validated_at = -1
         self._saving = False
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Lightning 2.6 broadcasts process 0's SIGTERM flag before every training batch of a
+        # multi-process run (_TrainingEpochLoop._broadcast_sigterm_tensor): a collective and a host
+        # sync per step, met by the processes at different points when a stop is under way (a hang).
+        # The processes agree here instead, and only where a stop can take effect.
+        trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Lightning has installed its SIGTERM handler by now; ours goes in front of it.
-        self._trainer, self._received, self._validated_at = trainer, None, -1
+        self._received, self._stopping, self._finishing, self._validated_at = None, False, False, -1
+        if trainer.received_sigterm:  # caught by Lightning's handler, before ours was in place
+            trainer._signal_connector.received_sigterm = False
+            self._received = signal.SIGTERM
         if threading.current_thread() is not threading.main_thread():
             return
-        self._lightning_handler = signal.getsignal(signal.SIGTERM)
+        # Ours replaces Lightning's SIGTERM handler, which forwards the signal to the other local
+        # processes and runs a collective inside the handler.
         for signum in self.SIGNALS:
             self._previous[signum] = signal.signal(signum, self._handle)
 
@@ -192,21 +208,44 @@ class GracefulStop(Callback):
                 raise KeyboardInterrupt  # the second Ctrl-C: quit now, without a checkpoint
             return
         self._received = signum
-        _say(
-            f"received {signal.Signals(signum).name}: stopping at the end of this step and writing a "
-            "checkpoint (press Ctrl-C again to quit at once, without one)."
+        name = signal.Signals(signum).name
+        if self._finishing:
+            print(f"received {name} after the last step: finishing the run.", file=sys.stderr, flush=True)
+            return
+        print(
+            f"received {name}: stopping at the end of this step (with several processes: of the next "
+            "logging step or estimate) and writing a checkpoint (press Ctrl-C again to quit at once, "
+            "without one).",
+            file=sys.stderr,
+            flush=True,
         )
-        if not self._trainer.validating and callable(self._lightning_handler):
-            self._lightning_handler(signal.SIGTERM, frame)  # during an estimate: on_validation_end
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if steps.is_logging_step(trainer) or (trainer.world_size == 1 and steps.ends_optimizer_step(trainer)):
+            self._decide(trainer)
+
+    def _decide(self, trainer: L.Trainer) -> None:
+        """Every process calls this at the same points, so the exchange below lines up."""
+        if self._stopping or self._finishing:
+            return
+        if 0 < trainer.max_steps <= trainer.global_step:
+            self._finishing = True  # the final estimate and its checkpoints follow, then the end
+            return
+        if steps.reduce(trainer, int(self._received is not None), "max"):
+            self._stopping = True
+            trainer._signal_connector.received_sigterm = True  # Lightning stops at the end of the step
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.received_sigterm:  # hold Lightning's stop until the estimate is complete
+        if self._stopping:  # hold Lightning's stop until the estimate is complete
             trainer._signal_connector.received_sigterm = False
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn != "fit" or trainer.sanity_checking:
+            return
         self._validated_at = trainer.global_step
-        if self._received is not None:
-            trainer._signal_connector.received_sigterm = True  # Lightning stops at the end of the step
+        self._decide(trainer)  # before the estimate's checkpoints: they are written either way
+        if self._stopping:
+            trainer._signal_connector.received_sigterm = True
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         # After a step with an estimate, Lightning's resume counts one more step for its logger
@@ -222,53 +261,90 @@ class GracefulStop(Callback):
             signal.signal(signum, handler)
         self._previous = {}
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._restore_handlers()
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore_handlers()  # only now: a signal during the end-of-fit hooks changes nothing
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            self._save_stop_checkpoint(trainer)  # our handlers stay in place while it is written
         self._restore_handlers()
-        if not isinstance(exception, SIGTERMException):
-            return
+        if isinstance(exception, (SIGTERMException, NonFiniteLoss)):
+            _outlive_children(trainer)
+
+    def _save_stop_checkpoint(self, trainer: L.Trainer) -> None:
+        step = trainer.global_step
         checkpoint = trainer.checkpoint_callback
         if checkpoint is None or checkpoint.dirpath is None:
-            _say(f"stopped at step {trainer.global_step}; checkpointing is off, so nothing was saved.")
+            _say(f"stopped at step {step}; checkpointing is off, so nothing was saved.")
             return
-        path = os.path.join(checkpoint.dirpath, LAST + checkpoint.FILE_EXTENSION)
+        if not checkpoint.save_last:
+            _say(
+                f"stopped at step {step}; checkpoint.save_last is off, so no checkpoint was written for "
+                "it. Continue from a saved one with: fit ... --ckpt_path PATH"
+            )
+            return
+        # Lightning's own naming of last.ckpt: this run's file, or last-v1.ckpt (...) where another
+        # run's last.ckpt is in the same folder.
         self._saving = True
         try:
-            trainer.save_checkpoint(path, weights_only=False)
+            checkpoint._save_last_checkpoint(trainer, checkpoint._monitor_candidates(trainer))
         finally:
             self._saving = False
-        checkpoint.last_model_path = path
-        _say(f"stopped at step {trainer.global_step}; saved {path}. Continue with: fit ... --ckpt_path last")
+        _say(f"stopped at step {step}; saved {checkpoint.last_model_path}. Continue with: fit ... --ckpt_path last")
+
+
+def _outlive_children(trainer: L.Trainer) -> None:
+    """Process 0 of a run whose processes it launched waits for them to stop as agreed.
+
+    Lightning's observer in process 0 kills every process, process 0 included, once a child exits
+    with a non-zero code, as a stopped or failed one does, possibly before process 0 has said why.
+    The observer watches the launcher's list of children: emptied, it has nothing left to watch.
+    """
+    children = getattr(trainer.strategy.launcher, "procs", None)
+    if not trainer.is_global_zero or not children:
+        return
+    waiting = list(children)
+    children.clear()
+    for child in waiting:
+        try:
+            child.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            child.kill()
+
+
+class NonFiniteLoss(UsageError):
+    """The training loss is NaN or infinite."""
 
 
 class NonFiniteLossGuard(Callback):
     """Stops training at a NaN or infinite loss, naming the step, before a checkpoint could hold it.
 
-    On a CPU the loss is read every step (no wait there). On a GPU it is checked on the device and
-    the verdict read back only every ``log_every_n_steps`` and, always, before an estimate and
-    before any checkpoint is written: ``last.ckpt`` keeps the last good state.
+    Every batch's loss is checked on its device; the verdict is read back (a host sync on a GPU)
+    only where a stop can take effect: at logging steps, before an estimate and before any
+    checkpoint is written, so ``last.ckpt`` keeps the last good state. Under DDP the verdict is
+    reduced over the processes at those same points and they all stop together (one stopping alone
+    would leave the others waiting in the next all-reduce). On a CPU in one process reading costs
+    nothing, so it is read at every optimizer step.
     """
+
+    NONE = 2**62  # no bad step yet (the verdict is the first bad step: a minimum over processes)
 
     def __init__(self) -> None:
         self._first_bad_step: Optional[torch.Tensor] = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._first_bad_step = torch.tensor(-1, device=pl_module.device)
+        self._first_bad_step = torch.tensor(self.NONE, device=pl_module.device)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is None or self._first_bad_step is None:
             return
-        # trainer.global_step now counts the step just taken: "step N" is the N-th optimizer step.
-        if loss.device.type == "cpu":  # reading the loss costs nothing here: one float, no tensor ops
-            if not math.isfinite(loss.item()):
-                self._stop(trainer, trainer.global_step)
-            return
+        # "step N" is the N-th optimizer step, the one this batch belongs to.
         bad = ~torch.isfinite(loss.detach())
-        self._first_bad_step = torch.where(bad & (self._first_bad_step < 0), trainer.global_step, self._first_bad_step)
-        if trainer.global_step % trainer.log_every_n_steps == 0:
+        first_if_bad = self._first_bad_step.clamp(max=steps.optimizer_step(trainer))
+        self._first_bad_step = torch.where(bad, first_if_bad, self._first_bad_step)
+        alone_on_cpu = trainer.world_size == 1 and loss.device.type == "cpu"
+        if steps.is_logging_step(trainer) or (alone_on_cpu and steps.ends_optimizer_step(trainer)):
             self._check(trainer)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -283,15 +359,15 @@ class NonFiniteLossGuard(Callback):
     def _check(self, trainer: L.Trainer) -> None:
         if self._first_bad_step is None:
             return
-        step = int(self._first_bad_step.item())
-        if step >= 0:
+        step = steps.reduce(trainer, int(self._first_bad_step.item()), "min")
+        if step != self.NONE:
             self._stop(trainer, step)
 
     def _stop(self, trainer: L.Trainer, step: int) -> None:
         self._first_bad_step = None  # report once
         last = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
-        raise UsageError(
+        raise NonFiniteLoss(
             f"the training loss is not finite (NaN or inf) at step {step}; training stopped and {kept}. "
             "Lower the learning rate (model.optimizer.init_args.lr) or check the data."
         )

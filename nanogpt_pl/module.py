@@ -11,6 +11,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
+from nanogpt_pl import steps
 from nanogpt_pl.data import SPLITS
 from nanogpt_pl.model import GPT, GPTConfig
 
@@ -76,19 +77,30 @@ class GPTModule(L.LightningModule):
             # TF32 tensor cores for the float32 matrix multiplications left outside autocast.
             torch.set_float32_matmul_precision("high")
 
+    def on_train_start(self) -> None:
+        self._window: list[torch.Tensor] = []  # the losses of the current optimizer step's batches
+        self.step_loss: Optional[torch.Tensor] = None
+        steps.count_estimates_in_optimizer_steps(self.trainer)
+
     def training_step(self, batch, batch_idx):
         x, y, _ = batch
         _, loss = self.step_model(x, y)
-        # Only on the steps the loggers write (every trainer.log_every_n_steps): each self.log call
-        # costs Lightning about a millisecond of Python, as long as a whole step of the small models.
-        if (self.trainer.global_step + 1) % self.trainer.log_every_n_steps == 0:
-            self.log("train/loss", loss)
+        # The loss of an optimizer step is the mean over its accumulated batches: the loss of the
+        # whole batch the step trained on (on the device; read only when logged or drawn).
+        self._window.append(loss.detach())
+        if steps.ends_optimizer_step(self.trainer):
+            window, self._window = self._window, []
+            self.step_loss = window[0] if len(window) == 1 else torch.stack(window).mean()
+            # Only on the steps the loggers write: each self.log call costs Lightning about a
+            # millisecond of Python, as long as a whole step of the small models.
+            if steps.is_logging_step(self.trainer):
+                self.log("train/loss", self.step_loss)
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         # The lecture estimates the loss once more at the last step, whether or not it falls on
         # eval_interval. Asking to stop there makes Lightning run that final validation.
-        if self.trainer.max_steps > 0 and self.trainer.global_step >= self.trainer.max_steps:
+        if steps.is_last_step(self.trainer):
             self.trainer.should_stop = True
 
     def validation_step(self, batch, batch_idx):

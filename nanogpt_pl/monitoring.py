@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dt
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.tensorboard.summary import hparams
 
+from nanogpt_pl import steps
 from nanogpt_pl.errors import UsageError
 from nanogpt_pl.generate import sample
 from nanogpt_pl.model import GPT
@@ -44,9 +45,9 @@ class TokenThroughput(L.Callback):
 
     Built on Lightning's ``Throughput`` (the engine of its ``ThroughputMonitor``) with FLOPs from
     :func:`training_flops`. ``ThroughputMonitor`` synchronizes CUDA after every step so that its
-    clock is exact at each one; this callback reads the clock only on the steps that log
-    (``trainer.log_every_n_steps``): counts are cumulative, so the rate between two logged steps is
-    the same, and the other steps keep the CPU running ahead of the GPU. Time spent evaluating,
+    clock is exact at each one; this callback reads the clock only on the optimizer steps that log
+    (``nanogpt_pl.steps.is_logging_step``): counts are cumulative, so the rate between two logged
+    steps is the same, and the other steps keep the CPU running ahead of the GPU. Time spent evaluating,
     checkpointing and sampling is left out of the rate.
 
     Tags: ``throughput/tokens_per_sec`` (all devices), ``throughput/flops_per_sec`` (all devices),
@@ -90,10 +91,9 @@ class TokenThroughput(L.Callback):
         self._steps += 1
         self._samples += x.size(0)
         self._tokens += x.numel()
-        step, every = trainer.global_step, trainer.log_every_n_steps
-        last = 0 < trainer.max_steps <= step
-        if not every or (step % every and not last):
+        if not steps.is_logging_step(trainer):
             return
+        step = trainer.global_step
         self._update()
         metrics = self._throughput.compute()
         if "device/items_per_sec" not in metrics:

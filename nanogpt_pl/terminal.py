@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 from tqdm import tqdm
 
+from nanogpt_pl import steps
 from nanogpt_pl.module import EVAL_TAGS
 
 
@@ -27,7 +28,7 @@ class TrainingBar(TQDMProgressBar):
     def __init__(self, refresh_seconds: float = 0.5) -> None:
         super().__init__()
         self.refresh_seconds = refresh_seconds
-        self._loss = None  # the latest step's loss, still on its device
+        self._loss = None  # the latest optimizer step's loss (GPTModule.step_loss), still on its device
         self._loss_value: Optional[float] = None
         self._val: Optional[float] = None
         self._tokens_per_sec: Optional[float] = None
@@ -44,11 +45,12 @@ class TrainingBar(TQDMProgressBar):
         self._restart_clock()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if isinstance(outputs, dict) and "loss" in outputs:
-            self._loss = outputs["loss"]
         self._tokens += batch[0].numel()
-        last = 0 < trainer.max_steps <= trainer.global_step
-        if time.perf_counter() - self._last_draw >= self.refresh_seconds or last:
+        if not steps.ends_optimizer_step(trainer):
+            return  # redrawn between optimizer steps only
+        # The step's own loss: Lightning's outputs hold it divided by accumulate_grad_batches.
+        self._loss = pl_module.step_loss
+        if time.perf_counter() - self._last_draw >= self.refresh_seconds or steps.is_last_step(trainer):
             self._draw(trainer)
 
     @property

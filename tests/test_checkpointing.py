@@ -102,16 +102,17 @@ def test_resume_is_exact_after_sigterm_ctrl_c_or_a_finished_run(small_text, tmp_
     expected = scalars(tmp_path / "tb_logs/v7/version_0")
     assert len(expected["train/loss"]) == 30 and len(expected["val/loss"]) == 3
 
-    # Stopped by a signal at step 13 (no estimate), during step 20 (an estimate follows), or
-    # during step 10's estimate; then `--ckpt_path last` continues the same run to step 30.
-    for signum, step, during_estimate in [
-        (signal.SIGTERM, 13, False), (signal.SIGINT, 20, False), (signal.SIGTERM, 10, True),
+    # A signal at the end of step 13 (after that step's stop decision) stops after step 14; one at
+    # the end of step 20 or during step 10's estimate stops at the estimate's end, after it. Then
+    # `--ckpt_path last` continues the same run to step 30.
+    for signum, signalled, step, during_estimate in [
+        (signal.SIGTERM, 13, 14, False), (signal.SIGINT, 20, 20, False), (signal.SIGTERM, 10, 10, True),
     ]:
         run_dir = tmp_path / f"stopped_{step}"
         run_dir.mkdir()
         monkeypatch.chdir(run_dir)
         run = cli(small_v7(small_text), run=False)
-        run.trainer.callbacks.append(SignalAt(signum, step, during_estimate))
+        run.trainer.callbacks.append(SignalAt(signum, signalled, during_estimate))
         with pytest.raises(SystemExit):
             run.trainer.fit(run.model, datamodule=run.datamodule)
         assert f"stopped at step {step}; saved" in capsys.readouterr().err
@@ -232,7 +233,8 @@ def test_each_process_draws_its_own_dropout_masks_fresh_and_resumed_on_more_proc
 
     def started(rank: int, world_size: int, saved=None) -> GlobalRandomState:
         torch.manual_seed(1337)  # as LightningCLI seeds every process
-        trainer = SimpleNamespace(global_rank=rank, world_size=world_size, strategy=SimpleNamespace(root_device=torch.device("cpu")))
+        cpu = SimpleNamespace(root_device=torch.device("cpu"))
+        trainer = SimpleNamespace(global_rank=rank, world_size=world_size, strategy=cpu)
         callback = GlobalRandomState()
         callback.setup(trainer, None, "fit")
         if saved is not None:
@@ -259,3 +261,27 @@ def test_each_process_draws_its_own_dropout_masks_fresh_and_resumed_on_more_proc
     for rank in (0, 1):
         assert torch.equal(resumed[rank], torch.rand(4, generator=torch.Generator().set_state(saved[rank]["cpu"])))
     assert all(not torch.equal(resumed[2], other) for other in resumed[:2] + draws)
+
+
+def test_a_stop_keeps_to_save_last_and_leaves_another_runs_last_checkpoint(small_text, tmp_path, monkeypatch, capsys):
+    def stopped(*extra: str) -> str:
+        run = cli(small_v7(small_text, *extra, steps=6), run=False)
+        run.trainer.callbacks.append(SignalAt(signal.SIGTERM, 2, during_estimate=False))
+        with pytest.raises(SystemExit):
+            run.trainer.fit(run.model, datamodule=run.datamodule)
+        return capsys.readouterr().err
+
+    monkeypatch.chdir(tmp_path)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "last.ckpt").write_bytes(b"another run's")
+    err = stopped("--checkpoint.dirpath", str(shared))
+    assert "stopped at step 3; saved " in err and "last-v1.ckpt" in err, err
+    assert (shared / "last.ckpt").read_bytes() == b"another run's"
+    assert torch.load(shared / "last-v1.ckpt", weights_only=True)["global_step"] == 3
+
+    (tmp_path / "off").mkdir()
+    monkeypatch.chdir(tmp_path / "off")
+    err = stopped("--checkpoint.save_last", "false")
+    assert "stopped at step 3; checkpoint.save_last is off, so no checkpoint was written" in err, err
+    assert not list((tmp_path / "off").rglob("last*.ckpt"))
