@@ -7,17 +7,19 @@ its docstring, so ``--help`` and ``--print_config`` describe exactly what the co
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import sys
 from pathlib import Path
 
 import torch
-from jsonargparse import ArgumentError, auto_cli, set_parsing_settings
+from jsonargparse import ArgumentError, Namespace, auto_cli, set_parsing_settings
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from nanogpt_pl import checkpointing
+import nanogpt_pl
+from nanogpt_pl import checkpointing, resources
 from nanogpt_pl.data import CharDataModule, vocab_size_of
 from nanogpt_pl.errors import UsageError
 from nanogpt_pl.model import GPTConfig
@@ -74,8 +76,17 @@ class GPTCLI(LightningCLI):
         )
 
     def parse_arguments(self, parser, args) -> None:
-        """Check the model's sizes right after parsing, before seeding, building or writing anything."""
-        super().parse_arguments(parser, args)
+        """Check the model's sizes right after parsing, before seeding, building or writing anything.
+
+        ``--config v7`` names a shipped config unless a file of that name is here: the names are
+        resolved before jsonargparse reads the files.
+        """
+        if args is None:  # the command line, read here rather than by Lightning, which would warn
+            self.config = parser.parse_args(resources.resolve_config_arguments(sys.argv[1:]))
+        elif isinstance(args, (dict, Namespace)):
+            super().parse_arguments(parser, args)
+        else:
+            super().parse_arguments(parser, resources.resolve_config_arguments(args))
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
         GPTConfig(**config.model.config.as_dict())
@@ -94,7 +105,7 @@ class GPTCLI(LightningCLI):
         if logger and getattr(logger, "init_args", None) is not None and logger.init_args.get("name") is None:
             files = config.get("config") or []
             logger.init_args.name = Path(str(files[-1])).stem if files else "nanogpt"
-        if config.get("ckpt_path") == "last":
+        if config.get("ckpt_path") in ("last", "auto"):
             self._resolve_last_checkpoint(config)
 
     def _resolve_last_checkpoint(self, config) -> None:
@@ -102,7 +113,18 @@ class GPTCLI(LightningCLI):
 
         Continuing means logging into the same version folder, so TensorBoard shows one run and the
         next ``last`` finds the newest checkpoint. Without ``--ckpt_path``, ``fit`` always starts afresh.
+        ``--ckpt_path auto`` is ``last`` when there is a checkpoint and a fresh run when there is none:
+        the one command a requeued cluster job can run every time. Ends with ``config.ckpt_path`` a
+        path or None.
         """
+        try:
+            config.ckpt_path = str(self._last_checkpoint(config))
+        except UsageError:
+            if config.ckpt_path != "auto":
+                raise
+            config.ckpt_path = None
+
+    def _last_checkpoint(self, config) -> Path:
         init_args = getattr(config.trainer.logger, "init_args", None)
         if config.checkpoint.dirpath:
             last = checkpointing.find_last_checkpoint(Path(config.checkpoint.dirpath))
@@ -113,7 +135,7 @@ class GPTCLI(LightningCLI):
                 init_args.version = last.parent.parent.name
         else:  # no logger: <default_root_dir>/checkpoints
             last = checkpointing.find_last_checkpoint(Path(config.trainer.default_root_dir or ".") / "checkpoints")
-        config.ckpt_path = str(last)
+        return last
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         """Lightning's trainer with this project's monitoring: TensorBoard scalars, the bar, the summary."""
@@ -157,6 +179,7 @@ def cli(args=None, run: bool = True) -> GPTCLI:
 COMMANDS: dict[str, str] = {
     "generate": "nanogpt_pl.generate:generate",
     "reproduce": "nanogpt_pl.reproduce:reproduce",
+    "configs": "nanogpt_pl.catalog:configs",
 }
 
 
@@ -179,6 +202,9 @@ def _description() -> str:
 def main(args=None) -> None:
     """Entry point of ``python -m nanogpt_pl`` and ``nanogpt-pl``."""
     argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["--version"]:
+        print(f"{_prog()} {_version()}")
+        return
     try:
         if argv and argv[0] in COMMANDS:
             module, function = COMMANDS[argv[0]].split(":")
@@ -191,6 +217,14 @@ def main(args=None) -> None:
         sys.exit(2)
     except SIGTERMException:  # stopped by SIGTERM or Ctrl-C, checkpoint written: not a finished run
         sys.exit(1)
+
+
+def _version() -> str:
+    """The installed distribution's version; a source checkout that was never installed has only ``__version__``."""
+    try:
+        return importlib.metadata.version("nanogpt_pl")
+    except importlib.metadata.PackageNotFoundError:
+        return nanogpt_pl.__version__
 
 
 def _root_message(err: BaseException) -> str:

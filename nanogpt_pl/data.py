@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import IterableDataset
 
+from nanogpt_pl import resources
 from nanogpt_pl.corpus import check_splits, load_corpus
 from nanogpt_pl.errors import UsageError
 from nanogpt_pl.seeds import stream_seed
@@ -110,7 +111,7 @@ class CharDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        data_path: str = "data/tinyshakespeare/input.txt",
+        data_path: str = str(resources.data_file()),
         block_size: int = 256,
         batch_size: int = 64,
         eval_iters: int = 200,

@@ -24,6 +24,7 @@ import lightning
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from nanogpt_pl import resources
 from nanogpt_pl.cli import cli
 from nanogpt_pl.errors import UsageError
 from nanogpt_pl.module import EVAL_TAGS
@@ -34,7 +35,7 @@ def reproduce(
     versions: Optional[str] = None,
     seeds: str = "1337,1,2",
     out: Path = Path("results"),
-    configs: Path = Path("configs"),
+    configs: Path = resources.configs_dir(),
     max_steps: Optional[int] = None,
     eval_iters: Optional[int] = None,
 ) -> None:
@@ -46,7 +47,7 @@ def reproduce(
         seeds: Comma-separated seeds; each version is trained once per seed.
         out: Folder for the results; the TensorBoard runs go to its runs/<version>/seed<seed>/.
             Records of versions already in its results.json and not run again are kept.
-        configs: Folder holding the versions' YAML files.
+        configs: Folder holding the versions' YAML files; default the lecture's, shipped with the package.
         max_steps: Train every run for this many steps instead of its config's (a quick look, not the table).
         eval_iters: Batches per loss estimate instead of the config's (a quick look, not the table).
     """
