@@ -11,7 +11,6 @@ import importlib.metadata
 import sys
 from pathlib import Path
 
-import torch
 from jsonargparse import ArgumentError, Namespace, auto_cli, set_parsing_settings
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
@@ -19,7 +18,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import nanogpt_pl
-from nanogpt_pl import checkpointing, resources
+from nanogpt_pl import checkpointing, precision, resources
 from nanogpt_pl.data import CharDataModule, vocab_size_of
 from nanogpt_pl.errors import UsageError
 from nanogpt_pl.model import GPTConfig
@@ -94,13 +93,11 @@ class GPTCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Name the TensorBoard run after the config file (``configs/v7.yaml`` logs to ``tb_logs/v7``).
 
-        Also: configs ask for bf16 mixed precision; a GPU without bf16 (before Ampere) gets fp16
-        mixed precision instead, which Lightning pairs with a gradient scaler. And find the
-        checkpoint ``--ckpt_path last`` stands for.
+        Also: fit the precision to the GPU the run will use (fp16 where bf16 is only emulated:
+        ``nanogpt_pl.precision``). And find the checkpoint ``--ckpt_path last`` stands for.
         """
         config = self.config[self.subcommand] if self.subcommand else self.config
-        if str(config.trainer.precision) == "bf16-mixed" and _cuda_without_bf16(config.trainer.accelerator):
-            config.trainer.precision = "16-mixed"
+        precision.fit_to_device(config.trainer, config.model)
         logger = config.trainer.logger
         if logger and getattr(logger, "init_args", None) is not None and logger.init_args.get("name") is None:
             files = config.get("config") or []
@@ -149,11 +146,6 @@ class GPTCLI(LightningCLI):
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(TrainingBar())
         return super().instantiate_trainer(**{**kwargs, "callbacks": callbacks})
-
-
-def _cuda_without_bf16(accelerator) -> bool:
-    uses_cuda = str(accelerator) in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    return uses_cuda and not torch.cuda.is_bf16_supported()
 
 
 def cli(args=None, run: bool = True) -> GPTCLI:
