@@ -12,18 +12,20 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.throughput import Throughput, get_available_flops, measure_flops
+from lightning.fabric.utilities.throughput import Throughput, measure_flops
 from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.tensorboard.summary import hparams
 
-from nanogpt_pl import steps
+from nanogpt_pl import gpu_peaks, steps
 from nanogpt_pl.errors import UsageError
 from nanogpt_pl.generate import sample
 from nanogpt_pl.model import GPT
 from nanogpt_pl.module import EVAL_TAGS
 
 SAMPLE_TAG = "sample"
+PEAK_TAG = "throughput/peak"  # text: the GPU and the peak FLOP/s its MFU is measured against
 
 
 def training_flops(model: GPT, batch_size: int, block_size: int) -> int:
@@ -51,7 +53,8 @@ class TokenThroughput(L.Callback):
     checkpointing and sampling is left out of the rate.
 
     Tags: ``throughput/tokens_per_sec`` (all devices), ``throughput/flops_per_sec`` (all devices),
-    ``throughput/mfu`` (per device; only where Lightning knows the device's peak FLOP/s).
+    ``throughput/mfu`` (per device; only on GPUs with a known dense peak: ``nanogpt_pl.gpu_peaks``, whose
+    choice is written once as the text ``throughput/peak``).
     """
 
     def __init__(self) -> None:
@@ -64,9 +67,11 @@ class TokenThroughput(L.Callback):
             return
         self._device = trainer.strategy.root_device
         dtype = _plugin_to_compute_dtype(trainer.precision_plugin)
+        available_flops, peak_note = gpu_peaks.available_flops(self._device, dtype)
+        log_peak(trainer, peak_note)
         # A window of two updates: the rate over the last logging interval.
         self._throughput = Throughput(
-            available_flops=get_available_flops(self._device, dtype), world_size=trainer.world_size, window_size=2
+            available_flops=available_flops, world_size=trainer.world_size, window_size=2
         )
         self._steps = self._samples = self._tokens = self._steps_at_update = 0
         self._flops_per_step: Optional[int] = None
@@ -126,6 +131,16 @@ class TokenThroughput(L.Callback):
             flops=(self._steps - self._steps_at_update) * (self._flops_per_step or 0),
         )
         self._steps_at_update = self._steps
+
+
+def log_peak(trainer: L.Trainer, note: Optional[str]) -> None:
+    """Say once, on the terminal and in TensorBoard, which GPU and peak the run's MFU divides by (or why none)."""
+    if note is None:  # off CUDA: no MFU, nothing to say
+        return
+    rank_zero_info(note)
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_text(PEAK_TAG, note, global_step=trainer.global_step)
 
 
 class TextSample(L.Callback):

@@ -23,7 +23,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.loggers import Logger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from conftest import REPO
@@ -31,7 +31,8 @@ from nanogpt_pl.cli import main
 from nanogpt_pl.data import CharDataModule, CharTokenizer
 from nanogpt_pl.model import GPT, GPTConfig
 from nanogpt_pl.module import GPTModule
-from nanogpt_pl.monitoring import HParamsMetric, TextSample, TokenThroughput, training_flops
+from nanogpt_pl import gpu_peaks
+from nanogpt_pl.monitoring import PEAK_TAG, HParamsMetric, TextSample, TokenThroughput, training_flops
 from nanogpt_pl.terminal import RunSummary
 
 MAX_STEPS, EVAL_EVERY, LOG_EVERY, SAMPLE_CHARS = 6, 3, 2, 40
@@ -264,14 +265,20 @@ def fit_tiny(data_path: Path, root: Path, **trainer_kwargs) -> L.Trainer:
 
 
 def test_mfu_is_logged_where_the_device_peak_is_known(tmp_path, monkeypatch, small_text):
-    peak = 1e12  # what Lightning reports for a known GPU; a CPU has none
-    monkeypatch.setattr("nanogpt_pl.monitoring.get_available_flops", lambda device, dtype: peak)
-    logger = RecordingLogger()
-    fit_tiny(small_text, tmp_path, logger=logger, callbacks=[TokenThroughput()], log_every_n_steps=2)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    peak, note = 1e12, "MFU of a known GPU against its dense bf16 peak"  # a CPU has neither
+    monkeypatch.setattr(gpu_peaks, "available_flops", lambda device, dtype: (peak, note))
+    logger, board = RecordingLogger(), TensorBoardLogger(tmp_path, name="peak")
+    fit_tiny(small_text, tmp_path, logger=[logger, board], callbacks=[TokenThroughput()], log_every_n_steps=2)
     rows = [(step, m) for step, m in logger.metrics if "throughput/mfu" in m]
     assert [step for step, _ in rows] == [2, 4]
     for _, m in rows:
         assert m["throughput/mfu"] == pytest.approx(m["throughput/flops_per_sec"] / peak)
+    events = EventAccumulator(board.log_dir, size_guidance={"tensors": 0})
+    events.Reload()
+    (entry,) = events.Tensors(f"{PEAK_TAG}/text_summary")  # written once, at the start
+    assert entry.step == 0 and entry.tensor_proto.string_val[0].decode() == note
 
 
 def test_monitoring_is_harmless_without_a_logger(tmp_path, small_text, capsys):
