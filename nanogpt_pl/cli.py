@@ -19,6 +19,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import nanogpt_pl
 from nanogpt_pl import checkpointing, precision, resources
+from nanogpt_pl.attention import AttentionMaps
 from nanogpt_pl.data import CharDataModule, vocab_size_of
 from nanogpt_pl.errors import UsageError
 from nanogpt_pl.model import GPTConfig
@@ -64,6 +65,7 @@ class GPTCLI(LightningCLI):
         )
         parser.add_lightning_class_args(checkpointing.LastCheckpoint, "checkpoint")
         parser.add_lightning_class_args(TextSample, "sample")
+        parser.add_lightning_class_args(AttentionMaps, "attention")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/loss",
@@ -170,6 +172,7 @@ def cli(args=None, run: bool = True) -> GPTCLI:
 # small CLI of its own (its signature and docstring are its arguments and --help).
 COMMANDS: dict[str, str] = {
     "generate": "nanogpt_pl.generate:generate",
+    "attention": "nanogpt_pl.attention:attention",
     "reproduce": "nanogpt_pl.reproduce:reproduce",
     "configs": "nanogpt_pl.catalog:configs",
 }

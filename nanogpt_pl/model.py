@@ -106,6 +106,9 @@ class MultiHeadAttention(nn.Module):
         # The lecture's Head computes C**-0.5 with C the input width (n_embd); later code uses head_size.
         self.scale = (config.n_embd if config.attn_scale == "n_embd" else config.head_dim) ** -0.5
         self.attn_dropout = config.dropout
+        # Set by ``GPT.attention_weights``: forward then keeps its (B, nh, T, T) weights in ``weights``.
+        self.keep_weights = False
+        self.weights: Optional[torch.Tensor] = None
         if config.residual:
             self.proj = nn.Linear(config.attn_width, config.n_embd)
             self.resid_dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
@@ -117,7 +120,10 @@ class MultiHeadAttention(nn.Module):
         # (B, T, 3 * nh * hs) -> three tensors of (B, nh, T, hs); within each, heads are contiguous.
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_size).permute(2, 0, 3, 1, 4).unbind(0)
         dropout_p = self.attn_dropout if self.training else 0.0
-        if dropout_p and x.device.type == "cpu":
+        if self.keep_weights:  # the weights are asked for: the same attention, with its softmax written out
+            self.weights = _causal_attention_weights(q, k, self.scale)
+            y = F.dropout(self.weights, dropout_p) @ v
+        elif dropout_p and x.device.type == "cpu":
             y = _masked_softmax_attention(q, k, v, dropout_p, self.scale)
         else:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=self.scale)
@@ -136,11 +142,15 @@ def _masked_softmax_attention(
     training step on the development CPU by a third (docs/performance.md); in float32 they are
     no slower.
     """
+    return F.dropout(_causal_attention_weights(q, k, scale), dropout_p) @ v  # (B, nh, T, hs)
+
+
+def _causal_attention_weights(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Each position's softmax over itself and the positions before it: (B, nh, T, T), rows sum to 1."""
     T = q.size(-2)
     att = (q * scale) @ k.transpose(-2, -1)  # (B, nh, T, T)
     future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)
-    att = F.dropout(att.masked_fill_(future, float("-inf")).softmax(dim=-1), dropout_p)
-    return att @ v  # (B, nh, T, hs)
+    return att.masked_fill_(future, float("-inf")).softmax(dim=-1)
 
 
 class FeedForward(nn.Module):
@@ -222,6 +232,23 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(B * T, -1), targets.reshape(B * T))
         return logits, loss
+
+    @torch.no_grad()
+    def attention_weights(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits of ``idx`` (B, T) and, from the same forward, every layer's attention weights:
+        (n_layer, B, n_head, T, T), row t the weights position t gives to positions 0..t."""
+        if self.config.bigram:
+            raise UsageError("a bigram model (v1) has no attention: its logits are read from a table; use v2 onwards.")
+        modules = [block.sa for block in self.blocks]
+        for module in modules:
+            module.keep_weights = True
+        try:
+            logits, _ = self(idx)
+            weights = torch.stack([module.weights for module in modules])
+        finally:
+            for module in modules:
+                module.keep_weights, module.weights = False, None
+        return logits, weights
 
     @torch.no_grad()
     def generate(

@@ -1,5 +1,6 @@
 """The reproduction's outputs, from its records: results.json, results.md (the lecture's table next to
-ours) and val_loss.png (every version's val-loss curve, as logged to TensorBoard)."""
+ours), val_loss.png (every version's val-loss curve, as logged to TensorBoard) and samples.md (what
+each version writes)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 
 def write_report(records: dict[str, dict], out: Path, headers: dict[str, dict]) -> None:
-    """Write the three files from the same records, so they always agree with each other.
+    """Write the four files from the same records, so they always agree with each other.
 
     ``headers`` are every config's target and device lines: the table lists versions not run too.
     """
@@ -19,6 +20,33 @@ def write_report(records: dict[str, dict], out: Path, headers: dict[str, dict]) 
     _write_atomic(out / "results.json", json.dumps(records, indent=1) + "\n")
     _write_atomic(out / "results.md", results_table(records, headers))
     plot_val_loss(records, out / "val_loss.png")
+    _write_atomic(out / "samples.md", samples_gallery(records))
+
+
+def samples_gallery(records: dict[str, dict]) -> str:
+    """Markdown: each sampled version's text, in the table's order, with where it came from."""
+    lines = [
+        "# What each version writes",
+        "",
+        "Each text is sampled from the final checkpoint (last.ckpt) of the version's first seed, from a",
+        "newline, with the same sampling seed for every version. Regenerate with",
+        "`python -m nanogpt_pl reproduce --samples_only true --out <this folder>`.",
+    ]
+    for version, record in sorted(records.items()):
+        gallery = record.get("sample")
+        if gallery is None:
+            continue
+        lines += [
+            "",
+            f"## `{version}`: val {record['val']['mean']:.4f}",
+            "",
+            f"{gallery['max_new_tokens']} characters from `{gallery['checkpoint']}`, sampling seed {gallery['seed']}:",
+            "",
+            "```text",
+            gallery["text"].replace("```", "` ` `"),
+            "```",
+        ]
+    return "\n".join(lines) + "\n"
 
 
 def results_table(records: dict[str, dict], headers: dict[str, dict]) -> str:

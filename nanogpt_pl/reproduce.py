@@ -27,8 +27,13 @@ from lightning.pytorch.callbacks import Callback
 from nanogpt_pl import resources
 from nanogpt_pl.cli import cli
 from nanogpt_pl.errors import UsageError
+from nanogpt_pl.generate import load_checkpoint, sample
 from nanogpt_pl.module import EVAL_TAGS
 from nanogpt_pl.report import write_report
+
+# The gallery's sampling: 300 characters (a dozen lines of verse) from a newline, one fixed seed.
+GALLERY_TOKENS = 300
+GALLERY_SEED = 1337
 
 
 def reproduce(
@@ -38,8 +43,10 @@ def reproduce(
     configs: Path = resources.configs_dir(),
     max_steps: Optional[int] = None,
     eval_iters: Optional[int] = None,
+    samples_only: bool = False,
 ) -> None:
-    """Train the lecture's versions over several seeds and write results.json, results.md and val_loss.png.
+    """Train the lecture's versions over several seeds and write results.json, results.md, val_loss.png
+    and samples.md (a text from each version's first seed, side by side).
 
     Args:
         versions: Comma-separated config names from the configs folder (v1,v3_ffn,...); default
@@ -50,6 +57,8 @@ def reproduce(
         configs: Folder holding the versions' YAML files; default the lecture's, shipped with the package.
         max_steps: Train every run for this many steps instead of its config's (a quick look, not the table).
         eval_iters: Batches per loss estimate instead of the config's (a quick look, not the table).
+        samples_only: Train nothing: sample the chosen versions again from the last.ckpt of their
+            recorded first seed under <out>/runs/, and rewrite the reports.
     """
     seed_list = _parse_seeds(seeds)
     chosen = _select(Path(configs), versions)
@@ -58,7 +67,11 @@ def reproduce(
             raise UsageError(f"--{name} must be a positive integer, got {value}.")
     out = Path(out)
     results_path = out / "results.json"
-    _load_records(results_path)  # a damaged file is reported now, not after hours of training
+    records = _load_records(results_path)  # a damaged file is reported now, not after hours of training
+    headers = {path.stem: read_header(path) for path in sorted(Path(configs).glob("*.yaml"))}
+    if samples_only:
+        _resample(chosen, records, out, headers)
+        return
     command = f"python -m nanogpt_pl reproduce --versions {','.join(c.stem for c in chosen)} --seeds {seeds}"
     overrides = []
     if max_steps is not None:
@@ -68,7 +81,6 @@ def reproduce(
         overrides += ["--data.eval_iters", str(eval_iters)]
         command += f" --eval_iters {eval_iters}"
 
-    headers = {path.stem: read_header(path) for path in sorted(Path(configs).glob("*.yaml"))}
     total, done = len(chosen) * len(seed_list), 0
     finished = {}
     for config in chosen:
@@ -77,10 +89,51 @@ def reproduce(
             done += 1
             runs.append(_run(config, seed, out / "runs", f"[{done}/{total}] {config.stem} seed {seed}", overrides))
         finished[config.stem] = _record(config, runs, command)
+        finished[config.stem]["sample"] = gallery_sample(out, config.stem, seed_list[0])
         # After every version, so an interrupted reproduction keeps what it finished; the folder's
         # other records are re-read each time, so they survive another reproduce writing there.
         write_report({**_load_records(results_path), **finished}, out, headers)
-    print(f"results: {out / 'results.md'}, {results_path}, {out / 'val_loss.png'}")
+    _print_outputs(out)
+
+
+def _print_outputs(out: Path) -> None:
+    print(f"results: {out / 'results.md'}, {out / 'results.json'}, {out / 'val_loss.png'}, {out / 'samples.md'}")
+
+
+def gallery_sample(out: Path, version: str, seed: int) -> dict:
+    """The gallery's text for one version: from the final checkpoint of its run with ``seed``.
+
+    Same start (a newline), length and sampling seed for every version, so the texts differ only
+    by what each version learned.
+    """
+    checkpoint = Path("runs") / version / f"seed{seed}" / "checkpoints" / "last.ckpt"
+    model, tokenizer = load_checkpoint(out / checkpoint)
+    generator = torch.Generator().manual_seed(GALLERY_SEED)
+    text = sample(model, tokenizer, "", GALLERY_TOKENS, generator=generator)[0][1:]  # no start token
+    return {"text": text, "checkpoint": checkpoint.as_posix(), "seed": GALLERY_SEED, "max_new_tokens": GALLERY_TOKENS}
+
+
+def _resample(chosen: list[Path], records: dict, out: Path, headers: dict) -> None:
+    """``--samples_only``: the gallery again from the checkpoints of runs already recorded."""
+    unrecorded = [config.stem for config in chosen if config.stem not in records]
+    if unrecorded:
+        raise UsageError(
+            f"no record of {', '.join(unrecorded)} in {out / 'results.json'}: run reproduce for it first, "
+            "or choose recorded versions with --versions."
+        )
+    missing = [
+        path for config in chosen
+        if not (path := out / "runs" / config.stem / f"seed{records[config.stem]['seeds'][0]['seed']}"
+                / "checkpoints" / "last.ckpt").is_file()
+    ]
+    if missing:
+        raise UsageError(f"checkpoint not found: {missing[0]}: --out must be the folder the reproduction wrote.")
+    for config in chosen:
+        first_seed = records[config.stem]["seeds"][0]["seed"]
+        records[config.stem]["sample"] = gallery_sample(out, config.stem, first_seed)
+        print(f"{config.stem}: sampled from seed {first_seed}'s last.ckpt", flush=True)
+    write_report(records, out, headers)
+    _print_outputs(out)
 
 
 def read_header(config: Path) -> dict:

@@ -54,6 +54,34 @@ def test_reproduce_writes_consistent_results(tmp_path):
     width, height = _png_size(out / "val_loss.png")
     assert width > 300 and height > 200
 
+    # The gallery: a fixed-seed text from the first seed's last.ckpt, in results.json and samples.md.
+    gallery = record["sample"]
+    assert gallery["checkpoint"] == "runs/v2/seed3/checkpoints/last.ckpt" and (out / gallery["checkpoint"]).is_file()
+    assert len(gallery["text"]) == gallery["max_new_tokens"] == 300
+    samples = (out / "samples.md").read_text()
+    assert "## `v2`" in samples and f"```text\n{gallery['text']}\n```" in samples
+
+    # --samples_only: a record without a sample still loads, and gets the same text back from the
+    # checkpoint, without training (the run's event files are untouched).
+    del records["v2"]["sample"]
+    (out / "results.json").write_text(json.dumps(records))
+    events = sorted((out / "runs" / "v2" / "seed3").glob("events.*"))
+    main(["reproduce", "--samples_only", "true", "--versions", "v2", "--out", str(out), "--configs", str(REPO / "configs")])
+    assert json.loads((out / "results.json").read_text())["v2"]["sample"] == gallery
+    assert (out / "samples.md").read_text() == samples
+    assert sorted((out / "runs" / "v2" / "seed3").glob("events.*")) == events
+
+
+def test_samples_only_needs_the_reproductions_checkpoints(tmp_path, capsys):
+    record = {"seeds": [{"seed": 5}], "val": {"mean": 2.0}}
+    (tmp_path / "results.json").write_text(json.dumps({"v2": record}))
+    for versions, message in (("v3", "no record of v3"), ("v2", "checkpoint not found")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["reproduce", "--samples_only", "true", "--versions", versions, "--out", str(tmp_path),
+                  "--configs", str(REPO / "configs")])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
 
 @pytest.mark.parametrize(
     "args, message",
