@@ -47,6 +47,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     Remote paths keep Lightning's own writer.
     """
 
+    def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None):
+        """Always ``weights_only=True`` and local: ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` or a URL must not
+        let a planted checkpoint run code (the CLI's checkpoint gate has checked the file already)."""
+        if not isinstance(get_filesystem(path), LocalFileSystem):
+            raise UsageError(f"checkpoint {path} is not a local file: download it and pass the file.")
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
         if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
             return super().save_checkpoint(checkpoint, path, storage_options)

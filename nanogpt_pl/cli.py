@@ -17,8 +17,8 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from nanogpt_pl import checkpointing
-from nanogpt_pl.data import CharDataModule, vocab_size_of
+from nanogpt_pl import checkpoint_gate, checkpointing
+from nanogpt_pl.data import CharDataModule, CharTokenizer, read_text, vocab_size_of
 from nanogpt_pl.errors import UsageError
 from nanogpt_pl.model import GPTConfig
 from nanogpt_pl.module import GPTModule
@@ -96,6 +96,22 @@ class GPTCLI(LightningCLI):
             logger.init_args.name = Path(str(files[-1])).stem if files else "nanogpt"
         if config.get("ckpt_path") == "last":
             self._resolve_last_checkpoint(config)
+        if config.get("ckpt_path"):
+            self._gate_checkpoint(config)
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's version lets the checkpoint's hyper-parameters silently replace the config's;
+        here the config is the request and ``_gate_checkpoint`` checks the checkpoint against it."""
+
+    def _gate_checkpoint(self, config) -> None:
+        """Refuse a checkpoint that is remote, unreadable, foreign or of another model, before anything is written."""
+        path = config.ckpt_path
+        checkpoint = checkpoint_gate.read_checkpoint(path)
+        data = config.data
+        vocab = CharTokenizer.from_text(read_text(data.data_path, data.block_size, data.train_fraction)).chars
+        replaced = checkpoint_gate.check_fits(path, checkpoint, GPTConfig(**config.model.config.as_dict()), vocab)
+        if replaced:
+            print(f"note: the command line replaces {path}'s {', '.join(replaced)}", file=sys.stderr)
 
     def _resolve_last_checkpoint(self, config) -> None:
         """``--ckpt_path last``: the newest ``last.ckpt`` of this config's runs; ``fit`` continues that run.
