@@ -42,7 +42,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # torch raises many kinds here: zip, pickle, EOF, OS and runtime errors
         raise UsageError(
-            f"cannot read {path}: it is truncated, corrupt, unreadable or not a checkpoint file; use another one "
+            f"cannot read {path}: it is truncated, corrupt or not a checkpoint file; use another one "
             "(e.g. last.ckpt or a best-val checkpoint of the same run)."
         ) from None
     try:
