@@ -15,7 +15,7 @@ from jsonargparse import ArgumentError, auto_cli, set_parsing_settings
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from nanogpt_pl import checkpoint_gate, checkpointing
 from nanogpt_pl.data import CharDataModule, CharTokenizer, read_text, vocab_size_of
@@ -130,6 +130,23 @@ class GPTCLI(LightningCLI):
         else:  # no logger: <default_root_dir>/checkpoints
             last = checkpointing.find_last_checkpoint(Path(config.trainer.default_root_dir or ".") / "checkpoints")
         config.ckpt_path = str(last)
+
+    def instantiate_classes(self) -> None:
+        """Build everything, turning a constructor's refusal (Lightning's MisconfigurationException, a
+        ValueError of PyTorch's optimizer or Lightning's trainer) into one line before anything runs.
+
+        The optimizer is built once here, so its arguments (a negative learning rate, say) are checked
+        before the run writes its log folder.
+        """
+        try:
+            super().instantiate_classes()
+            self.model.configure_optimizers()
+            trainer = self.trainer
+            interval = trainer.val_check_interval
+            if isinstance(interval, (int, float)) and not interval > 0:
+                raise ValueError(f"trainer.val_check_interval must be positive, got {interval}")
+        except (MisconfigurationException, ValueError) as err:
+            raise UsageError(f"invalid configuration: {str(err).splitlines()[0]} (see --help).") from None
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         """Lightning's trainer with this project's monitoring: TensorBoard scalars, the bar, the summary."""
