@@ -15,6 +15,8 @@ block sampler's random streams and the vocabulary). What it leaves out, and what
 
 from __future__ import annotations
 
+import errno
+import io
 import math
 import os
 import signal
@@ -61,12 +63,29 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path.parent.mkdir(parents=True, exist_ok=True)
         # One fixed name per target: a file left by a killed writer is simply overwritten next time.
         partial = path.with_name(f".{path.name}.partial")
-        with open(partial, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes reach the disk before the name points at them
+        try:
+            with open(partial, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())  # the bytes reach the disk before the name points at them
+        except (OSError, RuntimeError) as err:  # torch's zip writer reports a full disk as RuntimeError
+            partial.unlink(missing_ok=True)
+            if not _disk_full(err):
+                raise
+            buffer = io.BytesIO()
+            torch.save(checkpoint, buffer)
+            raise UsageError(
+                f"no space left in {path.parent} to save {path.name} ({buffer.tell():,} bytes needed); "
+                "free space there and resume with --ckpt_path last (the previous checkpoint is intact)."
+            ) from None
         os.replace(partial, path)
         _fsync_directory(path.parent)
+
+
+def _disk_full(err: BaseException) -> bool:
+    return getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(err) or (
+        "inline_container" in str(err)
+    )
 
 
 def _fsync_directory(directory: Path) -> None:

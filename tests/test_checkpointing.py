@@ -259,3 +259,27 @@ def test_each_process_draws_its_own_dropout_masks_fresh_and_resumed_on_more_proc
     for rank in (0, 1):
         assert torch.equal(resumed[rank], torch.rand(4, generator=torch.Generator().set_state(saved[rank]["cpu"])))
     assert all(not torch.equal(resumed[2], other) for other in resumed[:2] + draws)
+
+
+def test_full_disk_is_one_line_and_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno as errno_module
+
+    from nanogpt_pl.checkpointing import AtomicCheckpointIO
+    from nanogpt_pl.errors import UsageError
+
+    io_plugin = AtomicCheckpointIO()
+    target = tmp_path / "last.ckpt"
+    (tmp_path / ".last.ckpt.partial").write_bytes(b"left by a killed writer")
+    io_plugin.save_checkpoint({"step": 1}, target)
+    assert not (tmp_path / ".last.ckpt.partial").exists()
+    previous = target.read_bytes()
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"x" * 100)
+        raise OSError(errno_module.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("torch.save", lambda obj, f, *a, **k: full_disk(obj, f) if not hasattr(f, "getvalue") else real_save(obj, f))
+    real_save = __import__("torch").serialization.save
+    with pytest.raises(UsageError, match=rf"no space left in {tmp_path} .* bytes needed"):
+        io_plugin.save_checkpoint({"step": 2}, target)
+    assert target.read_bytes() == previous and not (tmp_path / ".last.ckpt.partial").exists()
