@@ -82,6 +82,30 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         _fsync_directory(path.parent)
 
 
+def lock_run_folder(folder: Path):
+    """One resumed run per version folder: an exclusive ``flock`` held until the process ends.
+
+    The kernel drops the lock when its holder dies, so a killed run never blocks the next resume.
+    """
+    import fcntl
+
+    handle = open(folder / ".run.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise UsageError(
+            f"{folder} is in use by another run (PID {holder}): wait for it to finish or stop it first."
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
 def _disk_full(err: BaseException) -> bool:
     return getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(err) or (
         "inline_container" in str(err)

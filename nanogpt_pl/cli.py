@@ -127,6 +127,7 @@ class GPTCLI(LightningCLI):
             last = checkpointing.find_last_checkpoint(Path(init_args.save_dir) / init_args.name, "*/checkpoints/")
             if self.subcommand == "fit":
                 init_args.version = last.parent.parent.name
+                self._run_lock = checkpointing.lock_run_folder(last.parent.parent)
         else:  # no logger: <default_root_dir>/checkpoints
             last = checkpointing.find_last_checkpoint(Path(config.trainer.default_root_dir or ".") / "checkpoints")
         config.ckpt_path = str(last)

@@ -134,3 +134,25 @@ def test_dropout_follows_the_command_line_and_says_so(trained, capsys):
         os.chdir(cwd)
     err = capsys.readouterr().err
     assert "replaces" in err and "dropout 0.0 -> 0.1" in err
+
+
+def test_second_resume_of_a_folder_names_the_holder(trained, capsys):
+    import subprocess
+    import sys
+
+    root, text, last = trained
+    folder = last.parent.parent
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX);"
+        "f.truncate(0); f.write(str(os.getpid())); f.flush(); print('held', flush=True); time.sleep(60)"),
+        str(folder / ".run.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        line = _fails(capsys, root, ["fit", *V2, "--data.data_path", str(text), *TINY, "--ckpt_path", "last"])
+        assert f"in use by another run (PID {holder.pid})" in line
+    finally:
+        holder.kill()
+        holder.wait()
+    from nanogpt_pl.checkpointing import lock_run_folder
+
+    lock_run_folder(folder).close()  # the killed holder's lock is gone with it
