@@ -15,6 +15,9 @@ block sampler's random streams and the vocabulary). What it leaves out, and what
 
 from __future__ import annotations
 
+import errno
+import io
+import math
 import os
 import signal
 import subprocess
@@ -48,6 +51,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     Remote paths keep Lightning's own writer.
     """
 
+    def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None):
+        """Always ``weights_only=True`` and local: ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` or a URL must not
+        let a planted checkpoint run code (the CLI's checkpoint gate has checked the file already)."""
+        if not isinstance(get_filesystem(path), LocalFileSystem):
+            raise UsageError(f"checkpoint {path} is not a local file: download it and pass the file.")
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
         if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
             return super().save_checkpoint(checkpoint, path, storage_options)
@@ -55,12 +65,53 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path.parent.mkdir(parents=True, exist_ok=True)
         # One fixed name per target: a file left by a killed writer is simply overwritten next time.
         partial = path.with_name(f".{path.name}.partial")
-        with open(partial, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes reach the disk before the name points at them
+        try:
+            with open(partial, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())  # the bytes reach the disk before the name points at them
+        except (OSError, RuntimeError) as err:  # torch's zip writer reports a full disk as RuntimeError
+            partial.unlink(missing_ok=True)
+            if not _disk_full(err):
+                raise
+            buffer = io.BytesIO()
+            torch.save(checkpoint, buffer)
+            raise UsageError(
+                f"no space left in {path.parent} to save {path.name} ({buffer.tell():,} bytes needed); "
+                "free space there and resume with --ckpt_path last (the previous checkpoint is intact)."
+            ) from None
         os.replace(partial, path)
         _fsync_directory(path.parent)
+
+
+def lock_run_folder(folder: Path):
+    """One resumed run per version folder: an exclusive ``flock`` held until the process ends.
+
+    The kernel drops the lock when its holder dies, so a killed run never blocks the next resume.
+    """
+    import fcntl
+
+    handle = open(folder / ".run.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise UsageError(
+            f"{folder} is in use by another run (PID {holder}): wait for it to finish or stop it first."
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+def _disk_full(err: BaseException) -> bool:
+    return getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(err) or (
+        "inline_container" in str(err)
+    )
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -15,11 +15,12 @@ from jsonargparse import ArgumentError, Namespace, auto_cli, set_parsing_setting
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 import nanogpt_pl
-from nanogpt_pl import checkpointing, precision, resources
+from nanogpt_pl import checkpoint_gate, checkpointing, precision, resources
 from nanogpt_pl.attention import AttentionMaps
+from nanogpt_pl.corpus import load_corpus
 from nanogpt_pl.data import CharDataModule, vocab_size_of
 from nanogpt_pl.errors import UsageError
 from nanogpt_pl.model import GPTConfig
@@ -106,6 +107,22 @@ class GPTCLI(LightningCLI):
             logger.init_args.name = Path(str(files[-1])).stem if files else "nanogpt"
         if config.get("ckpt_path") in ("last", "auto"):
             self._resolve_last_checkpoint(config)
+        if config.get("ckpt_path"):
+            self._gate_checkpoint(config)
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's version lets the checkpoint's hyper-parameters silently replace the config's;
+        here the config is the request and ``_gate_checkpoint`` checks the checkpoint against it."""
+
+    def _gate_checkpoint(self, config) -> None:
+        """Refuse a checkpoint that is remote, unreadable, foreign or of another model, before anything is written."""
+        path = config.ckpt_path
+        checkpoint = checkpoint_gate.read_checkpoint(path)
+        data = config.data
+        vocab = load_corpus(data.data_path, data.get("cache_dir")).chars  # the cache the parse-time link built
+        replaced = checkpoint_gate.check_fits(path, checkpoint, GPTConfig(**config.model.config.as_dict()), vocab)
+        if replaced:
+            print(f"note: the command line replaces {path}'s {', '.join(replaced)}", file=sys.stderr)
 
     def _resolve_last_checkpoint(self, config) -> None:
         """``--ckpt_path last``: the newest ``last.ckpt`` of this config's runs; ``fit`` continues that run.
@@ -132,9 +149,27 @@ class GPTCLI(LightningCLI):
             last = checkpointing.find_last_checkpoint(Path(init_args.save_dir) / init_args.name, "*/checkpoints/")
             if self.subcommand == "fit":
                 init_args.version = last.parent.parent.name
+                self._run_lock = checkpointing.lock_run_folder(last.parent.parent)
         else:  # no logger: <default_root_dir>/checkpoints
             last = checkpointing.find_last_checkpoint(Path(config.trainer.default_root_dir or ".") / "checkpoints")
         return last
+
+    def instantiate_classes(self) -> None:
+        """Build everything, turning a constructor's refusal (Lightning's MisconfigurationException, a
+        ValueError of PyTorch's optimizer or Lightning's trainer) into one line before anything runs.
+
+        The optimizer is built once here, so its arguments (a negative learning rate, say) are checked
+        before the run writes its log folder.
+        """
+        try:
+            super().instantiate_classes()
+            self.model.configure_optimizers()
+            trainer = self.trainer
+            interval = trainer.val_check_interval
+            if isinstance(interval, (int, float)) and not interval > 0:
+                raise ValueError(f"trainer.val_check_interval must be positive, got {interval}")
+        except (MisconfigurationException, ValueError) as err:
+            raise UsageError(f"invalid configuration: {str(err).splitlines()[0]} (see --help).") from None
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         """Lightning's trainer with this project's monitoring: TensorBoard scalars, the bar, the summary."""

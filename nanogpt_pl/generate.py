@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from nanogpt_pl.checkpoint_gate import read_checkpoint
 from nanogpt_pl.data import CharDataModule, CharTokenizer
 from nanogpt_pl.errors import UsageError
 from nanogpt_pl.model import GPT, GPTConfig
@@ -36,18 +37,7 @@ def model_state_dict(module_state: dict[str, torch.Tensor]) -> dict[str, torch.T
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, CharTokenizer]:
     """The model (in eval mode, on ``device``) and tokenizer of a ``fit`` checkpoint; one-line errors."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(
-            f"checkpoint not found: {path} (pass a .ckpt file written by fit, e.g. .../checkpoints/last.ckpt)."
-        )
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # torch raises many kinds here: zip, pickle, EOF, OS and runtime errors
-        raise UsageError(
-            f"cannot read {path}: it is truncated, corrupt or not a checkpoint file; use another one "
-            "(e.g. last.ckpt or a best-val checkpoint of the same run)."
-        ) from None
+    checkpoint = read_checkpoint(path)
     try:
         config = GPTConfig(**checkpoint["hyper_parameters"]["config"])
         tokenizer = CharTokenizer(checkpoint[CharDataModule.__qualname__]["vocab"])

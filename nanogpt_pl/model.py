@@ -267,7 +267,12 @@ class GPT(nn.Module):
         """
         for _ in range(max_new_tokens):
             logits, _ = self(idx[:, -self.config.block_size :])
-            logits = logits[:, -1, :] / temperature  # (B, V)
+            logits = logits[:, -1, :].float()  # (B, V)
+            # Shifted so the largest is 0 before dividing: a tiny temperature then gives -inf for all
+            # but the most likely token (greedy), a huge one gives zeros (uniform), never inf - inf = NaN.
+            # (The temperature is clamped into float32's range, where 1e-300 would round to 0.)
+            finfo = torch.finfo(logits.dtype)
+            logits = (logits - logits.max(dim=-1, keepdim=True).values) / min(max(temperature, finfo.tiny), finfo.max)
             if top_k is not None:
                 kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
                 logits = logits.masked_fill(logits < kth, float("-inf"))

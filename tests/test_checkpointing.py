@@ -285,3 +285,32 @@ def test_a_stop_keeps_to_save_last_and_leaves_another_runs_last_checkpoint(small
     err = stopped("--checkpoint.save_last", "false")
     assert "stopped at step 3; checkpoint.save_last is off, so no checkpoint was written" in err, err
     assert not list((tmp_path / "off").rglob("last*.ckpt"))
+
+
+def test_full_disk_is_one_line_and_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno as errno_module
+    import io
+
+    from nanogpt_pl.checkpointing import AtomicCheckpointIO
+    from nanogpt_pl.errors import UsageError
+
+    io_plugin = AtomicCheckpointIO()
+    target = tmp_path / "last.ckpt"
+    (tmp_path / ".last.ckpt.partial").write_bytes(b"left by a killed writer")
+    io_plugin.save_checkpoint({"step": 1}, target)
+    assert not (tmp_path / ".last.ckpt.partial").exists()
+    previous = target.read_bytes()
+
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        """A disk that fills after 100 bytes; the in-memory size count still works."""
+        if isinstance(f, io.BytesIO):
+            return real_save(obj, f, *args, **kwargs)
+        f.write(b"x" * 100)
+        raise OSError(errno_module.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("torch.save", full_disk)
+    with pytest.raises(UsageError, match=rf"no space left in {tmp_path} .* bytes needed"):
+        io_plugin.save_checkpoint({"step": 2}, target)
+    assert target.read_bytes() == previous and not (tmp_path / ".last.ckpt.partial").exists()

@@ -126,3 +126,13 @@ def test_sample_restores_training_mode_and_follows_its_generator():
     first = draw(7)
     assert model.training  # usable in the middle of training
     assert first == draw(7) and all(s.startswith("ab") and len(s) == 12 for s in first)
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e300])
+def test_extreme_temperatures_are_well_defined(temperature):
+    from nanogpt_pl.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_embd=16, n_head=2, n_layer=1)).eval()
+    out = model.generate(torch.zeros(3, 1, dtype=torch.long), 5, temperature=temperature)
+    assert out.shape == (3, 6) and int(out.min()) >= 0 and int(out.max()) < 11

@@ -1,0 +1,93 @@
+"""The one gate every ``--ckpt_path`` passes before anything is built or written.
+
+A checkpoint is a pickle: loaded without ``weights_only=True`` it can run any code, so only local
+files are read, and only with ``weights_only=True``. A checkpoint that loads must also be this
+project's and fit the request: the data's vocabulary and block size, the config's architecture.
+Fields that change parameter shapes must match; the others (dropout, ...) follow the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from nanogpt_pl.data import CharDataModule
+from nanogpt_pl.errors import UsageError
+from nanogpt_pl.model import GPTConfig
+
+# GPTConfig fields that change no parameter's shape: the command line's values win over the checkpoint's.
+FREE_FIELDS = ("dropout", "attn_scale", "init")
+
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A local checkpoint of ``fit``, loaded with ``weights_only=True``; every failure is one line."""
+    if _URL.match(str(path)):
+        raise UsageError(
+            f"checkpoint {path} is a URL: checkpoints are read from local files only (a checkpoint is a "
+            "pickle that could run code); download it, check where it came from, and pass the file."
+        )
+    path = Path(path)
+    if not path.is_file():
+        what = "is a directory, not a file" if path.is_dir() else "not found"
+        raise UsageError(
+            f"checkpoint {what}: {path} (pass a .ckpt file written by fit, e.g. .../checkpoints/last.ckpt)."
+        )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # torch raises many kinds here: zip, pickle, EOF, OS and runtime errors
+        raise UsageError(
+            f"cannot read {path}: it is truncated, corrupt or not a checkpoint file; use another one "
+            "(e.g. last.ckpt or a best-val checkpoint of the same run)."
+        ) from None
+    try:
+        GPTConfig(**checkpoint["hyper_parameters"]["config"])
+        str(checkpoint[CharDataModule.__qualname__]["vocab"])
+        checkpoint["state_dict"].items()
+    except (KeyError, TypeError, ValueError, AttributeError, UsageError):
+        raise UsageError(
+            f"{path} is not a nanogpt_pl checkpoint (it lacks this project's model configuration, "
+            "vocabulary or weights): pass a .ckpt written by `python -m nanogpt_pl fit`."
+        ) from None
+    return checkpoint
+
+
+def checkpoint_config(checkpoint: dict[str, Any]) -> GPTConfig:
+    return GPTConfig(**checkpoint["hyper_parameters"]["config"])
+
+
+def check_fits(path, checkpoint: dict[str, Any], config: GPTConfig, vocab: Optional[str]) -> list[str]:
+    """Refuse a checkpoint whose shapes differ from ``config`` or whose vocabulary differs from the data's.
+
+    Returns ``field: checkpoint value -> command-line value`` for each free field the run replaces.
+    """
+    saved = checkpoint_config(checkpoint)
+    saved_vocab = checkpoint[CharDataModule.__qualname__]["vocab"]
+    if vocab is not None and saved_vocab != vocab:
+        only_data = "".join(sorted(set(vocab) - set(saved_vocab)))
+        only_ckpt = "".join(sorted(set(saved_vocab) - set(vocab)))
+        raise UsageError(
+            f"{path} was trained on another vocabulary ({len(saved_vocab)} characters) than the data's "
+            f"({len(vocab)}; only in the data: {only_data!r}, only in the checkpoint: {only_ckpt!r}): "
+            "use the data file it was trained on."
+        )
+    differing, replaced = [], []
+    for field in dataclasses.fields(GPTConfig):
+        old, new = getattr(saved, field.name), getattr(config, field.name)
+        if old == new:
+            continue
+        if field.name in FREE_FIELDS:
+            replaced.append(f"{field.name} {old!r} -> {new!r}")
+        else:
+            differing.append(f"{field.name} {old!r} in the checkpoint, {new!r} in the config")
+    if differing:
+        raise UsageError(
+            f"{path} is a different model: {'; '.join(differing)}. Use the config it was trained with "
+            "(or set those values on the command line)."
+        )
+    return replaced

@@ -1,0 +1,31 @@
+"""Configuration mistakes Lightning or PyTorch would reject mid-run: one line, before the log folder exists."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from conftest import REPO, TINY
+from nanogpt_pl.cli import main
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        (["--model.optimizer.init_args.lr", "-1"], "Invalid learning rate: -1.0"),
+        (["--trainer.val_check_interval", "0"], "val_check_interval must be positive"),
+        (["--trainer.accelerator", "gpu"], "gpu"),
+    ],
+)
+def test_mistake_is_one_line_and_writes_nothing(small_text, tmp_path, capsys, override, expected, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.chdir(tmp_path)
+    before = set(tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO / "configs/v2.yaml"), "--data.data_path", str(small_text), *TINY, *override])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert exit_info.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert expected in lines[0]
+    assert set(tmp_path.rglob("*")) == before
