@@ -17,12 +17,13 @@ typeshed-client typing-extensions``, plus ``pip wheel --no-deps -w wheels .`` in
 Parts (``--only`` takes their names), each in its own processes; a failing part is reported with
 its return code and the others still run:
 
-- ``cuda_tests``: the CUDA-only tests (``pytest -m cuda tests/``).
+- ``cuda_tests``: the CUDA-only tests (``pytest -m cuda tests/``; pytest must be installed).
 - ``v7``: the full v7 run through ``reproduce`` (so v7 trains once and its record lands in
   ``<out>/reproduction/results.json`` like every other version's): wall time, final estimates,
   tokens/s and MFU from its TensorBoard scalars, peak GPU memory.
 - ``v7_compile``: the same with ``--model.compile true``.
-- ``small``: v2 and v6 full runs, wall time against the CPU's in docs/reproduction/results.json.
+- ``small``: v2 and v6 full runs through ``reproduce``, wall time against the CPU's in
+  docs/reproduction/results.json (the same measure: ``fit`` called to its last estimate).
 - ``generate``: 500 characters from the v7 checkpoint.
 - ``ddp``: ``--trainer.strategy ddp --trainer.devices 1`` for a few steps, stopped by SIGTERM after
   its first checkpoint, resumed with ``--ckpt_path last`` (NCCL, the checkpoint and random-state path).
@@ -187,15 +188,19 @@ class Bench:
                 **self.speed(self.runs / "v7" / "v7_compile"), "peak_memory_mib": memory.peak_mib}
 
     def small(self) -> dict:
+        """Through reproduce, as the CPU's records were made: the same wall-time measure on both."""
         cpu = json.loads(CPU_RECORDS.read_text(encoding="utf-8"))
-        result = {}
+        out = self.out / "reproduction"
+        command = [sys.executable, "-m", "nanogpt_pl", "reproduce", "--versions", "v2,v6", "--seeds", "1337",
+                   "--out", str(out), "--configs", str(self.configs)]
+        _, seconds = self.run(command)
+        records = json.loads((out / "results.json").read_text(encoding="utf-8"))
+        result = {"command": self.shown(command), "process_seconds": round(seconds, 1)}
         for name in ("v2", "v6"):
-            command = self.fit(name, name)
-            _, seconds = self.run(command)
-            result[name] = {"command": self.shown(command), "process_seconds": round(seconds, 1),
-                            **self.speed(self.runs / name / name),
+            record = records[name]
+            result[name] = {"wall_s": record["wall_s"], "steps": record["steps"], "val": record["val"]["mean"],
                             "cpu_wall_s": cpu[name]["wall_s"], "cpu_device": cpu[name]["device"],
-                            "cpu_command": cpu[name]["command"]}
+                            "cpu_command": cpu[name]["command"], "wall_over_cpu": round(record["wall_s"] / cpu[name]["wall_s"], 3)}
         return result
 
     def _v7_checkpoint(self) -> Path:
@@ -288,16 +293,16 @@ def write_markdown(record: dict, path: Path) -> None:
             lines += ["", f"failed with exit code {part['returncode']}: `{part['command']}`", "", "```",
                       part["output"], "```", ""]
             continue
-        entries = part["result"].items() if "command" not in part["result"] else [(name, part["result"])]
-        for label, figures in entries:
-            lines += ["", f"`{figures['command']}`", ""]
-            for key, value in figures.items():
-                if key in ("command", "table", "sample"):
-                    continue
+        figures = part["result"]
+        lines += ["", f"`{figures['command']}`", ""]
+        for key, value in figures.items():
+            if isinstance(value, dict):  # one run of several (small: v2, v6)
+                lines.append(f"- {key}: " + ", ".join(f"{k} {v}" for k, v in value.items()))
+            elif key not in ("command", "table", "sample"):
                 lines.append(f"- {key}: {value}")
-            for key in ("table", "sample"):
-                if key in figures:
-                    lines += ["", "```", figures[key], "```"]
+        for key in ("table", "sample"):
+            if key in figures:
+                lines += ["", "```", figures[key], "```"]
         lines.append("")
     path.write_text("\n".join(lines), encoding="utf-8")
 
