@@ -170,6 +170,8 @@ class GPTCLI(LightningCLI):
                 raise ValueError(f"trainer.val_check_interval must be positive, got {interval}")
         except (MisconfigurationException, ValueError) as err:
             raise UsageError(f"invalid configuration: {str(err).splitlines()[0]} (see --help).") from None
+        if self.datamodule is not None:
+            self.datamodule.check_processes(self.trainer.world_size)
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         """Lightning's trainer with this project's monitoring: TensorBoard scalars, the bar, the summary."""
@@ -244,6 +246,9 @@ def main(args=None) -> None:
             cli(args)
     except (UsageError, ArgumentError) as err:
         print(f"error: {_root_message(err)}", file=sys.stderr)
+        sys.exit(2)
+    except MisconfigurationException as err:  # a combination Lightning refuses only once the run has started
+        print(f"error: invalid configuration: {str(err).splitlines()[0]} (see --help).", file=sys.stderr)
         sys.exit(2)
     except SIGTERMException:  # stopped by SIGTERM or Ctrl-C, checkpoint written: not a finished run
         sys.exit(1)

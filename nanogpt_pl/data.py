@@ -228,14 +228,20 @@ class CharDataModule(L.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def setup(self, stage: str) -> None:
-        self._load()
-        rank, world_size = self._process()
+    def check_processes(self, world_size: int) -> None:
+        """Every process evaluates at least one batch of each split. The command line checks this
+        before launching the processes (one error, not one per process); ``setup`` again, for
+        launchers that start every process themselves (torchrun, SLURM)."""
         if self.eval_iters < world_size:
             raise UsageError(
                 f"data.eval_iters ({self.eval_iters}) is smaller than the number of processes ({world_size}): "
                 f"each process evaluates at least one batch of each split; set data.eval_iters to {world_size} or more."
             )
+
+    def setup(self, stage: str) -> None:
+        self._load()
+        rank, world_size = self._process()
+        self.check_processes(world_size)
         # The streams draw where the blocks are gathered: on the training device when the text
         # lives there (no host-device sync per step), on the CPU otherwise (as the lecture does).
         strategy = getattr(self.trainer, "strategy", None)

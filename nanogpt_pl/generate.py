@@ -7,8 +7,9 @@ no config file or data file.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -65,7 +66,6 @@ def check_sampling_args(max_new_tokens: int, temperature: float, top_k: Optional
         raise UsageError(f"num_samples must be at least 1, got {num_samples}.")
 
 
-@torch.no_grad()
 def sample(
     model: GPT,
     tokenizer: CharTokenizer,
@@ -81,17 +81,36 @@ def sample(
     An empty prompt starts from token 0, as the lecture does (a newline, for Tiny Shakespeare).
     The model's train/eval mode is left as it was found, so this can run in the middle of training.
     """
+    texts: list[list[str]] = []
+    for step in stream_samples(model, tokenizer, prompt, max_new_tokens, temperature, top_k, num_samples, generator):
+        texts = [[*text, piece] for text, piece in zip(texts, step)] if texts else [[piece] for piece in step]
+    return ["".join(text) for text in texts]
+
+
+def stream_samples(
+    model: GPT,
+    tokenizer: CharTokenizer,
+    prompt: str = "",
+    max_new_tokens: int = 500,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    num_samples: int = 1,
+    generator: Optional[torch.Generator] = None,
+) -> Iterator[list[str]]:
+    """``sample`` as it happens: first the start text, then each new character, one string per sample."""
     check_sampling_args(max_new_tokens, temperature, top_k, num_samples)
     ids = tokenizer.encode(prompt) or [0]
     device = next(model.parameters()).device
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)  # (num_samples, T)
+    yield [tokenizer.decode(ids)] * num_samples
     was_training = model.training
     model.eval()
     try:
-        out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
+        with torch.no_grad():
+            for new in model.stream(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator):
+                yield [tokenizer.decode(row) for row in new.tolist()]  # one host sync per character
     finally:
         model.train(was_training)
-    return [tokenizer.decode(row.tolist()) for row in out]
 
 
 def generate(
@@ -113,7 +132,8 @@ def generate(
         max_new_tokens: Characters to generate after the prompt, per sample.
         temperature: Divides the logits: below 1 is more conservative, above 1 more random.
         top_k: Sample only from the k most likely characters (all of them if unset).
-        num_samples: Independent samples, printed one after another, separated by a line of dashes.
+        num_samples: Independent samples, printed one after another, separated by a line of dashes
+            (the first appears as it is generated; the others, drawn alongside it, follow it).
         seed: Makes the samples reproducible (same seed, device and arguments: same text).
         device: Where to run: auto (a GPU if there is one), cpu, cuda, cuda:1, ...
     """
@@ -128,5 +148,15 @@ def generate(
         raise UsageError(f"device {device} requested but no CUDA GPU is available: use --device cpu.")
     model, tokenizer = load_checkpoint(ckpt_path, device)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    samples = sample(model, tokenizer, prompt, max_new_tokens, temperature, top_k, num_samples, generator)
-    print(f"\n{SAMPLE_SEPARATOR}\n".join(samples))
+    # The samples are drawn together; the first is printed as it is generated, so a long sample shows
+    # text at once, and the others, complete by then, follow it.
+    others: list[list[str]] = [[] for _ in range(num_samples - 1)]
+    for step in stream_samples(model, tokenizer, prompt, max_new_tokens, temperature, top_k, num_samples, generator):
+        sys.stdout.write(step[0])
+        sys.stdout.flush()
+        for text, piece in zip(others, step[1:]):
+            text.append(piece)
+    for text in others:
+        sys.stdout.write(f"\n{SAMPLE_SEPARATOR}\n{''.join(text)}")
+    sys.stdout.write("\n")
+    sys.stdout.flush()

@@ -7,7 +7,7 @@ model can be imported, tested and reused on its own.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Iterator, Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -265,6 +265,19 @@ class GPT(nn.Module):
         no rows beyond it. ``generator`` makes sampling reproducible without touching the
         global random state.
         """
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k, generator))
+        return torch.cat([idx, *new], dim=1)
+
+    def stream(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> Iterator[torch.Tensor]:
+        """``generate``, one step at a time: yields each new token (B, 1) as soon as it is drawn,
+        so a caller can show text while the rest is still being sampled."""
         for _ in range(max_new_tokens):
             logits, _ = self(idx[:, -self.config.block_size :])
             logits = logits[:, -1, :].float()  # (B, V)
@@ -279,7 +292,7 @@ class GPT(nn.Module):
             probs = F.softmax(logits, dim=-1)
             idx_next = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
             idx = torch.cat((idx, idx_next), dim=1)
-        return idx
+            yield idx_next
 
 
 def _init_normal(module: nn.Module) -> None:

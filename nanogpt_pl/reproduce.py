@@ -66,6 +66,8 @@ def reproduce(
         if value is not None and value < 1:
             raise UsageError(f"--{name} must be a positive integer, got {value}.")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder: choose a folder for the results (it is created if missing).")
     results_path = out / "results.json"
     records = _load_records(results_path)  # a damaged file is reported now, not after hours of training
     headers = {path.stem: read_header(path) for path in sorted(Path(configs).glob("*.yaml"))}

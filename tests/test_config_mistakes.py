@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from conftest import REPO, TINY
@@ -16,6 +14,9 @@ from nanogpt_pl.cli import main
         (["--model.optimizer.init_args.lr", "-1"], "Invalid learning rate: -1.0"),
         (["--trainer.val_check_interval", "0"], "val_check_interval must be positive"),
         (["--trainer.accelerator", "gpu"], "gpu"),
+        # Checked before Lightning launches the second process: one error, not one per process.
+        (["--trainer.devices", "2", "--trainer.strategy", "ddp", "--data.eval_iters", "1"],
+         "data.eval_iters (1) is smaller than the number of processes (2)"),
     ],
 )
 def test_mistake_is_one_line_and_writes_nothing(small_text, tmp_path, capsys, override, expected, monkeypatch):
@@ -29,3 +30,13 @@ def test_mistake_is_one_line_and_writes_nothing(small_text, tmp_path, capsys, ov
     assert exit_info.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert expected in lines[0]
     assert set(tmp_path.rglob("*")) == before
+
+
+def test_reproduce_into_a_file_is_one_line(tmp_path, capsys):
+    taken = tmp_path / "results"
+    taken.write_text("not a folder")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["reproduce", "--versions", "v2", "--out", str(taken)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("error:") == 1 and "is a file, not a folder" in err, err
+    assert taken.read_text() == "not a folder" and list(tmp_path.iterdir()) == [taken]

@@ -136,3 +136,33 @@ def test_extreme_temperatures_are_well_defined(temperature):
     model = GPT(GPTConfig(vocab_size=11, block_size=8, n_embd=16, n_head=2, n_layer=1)).eval()
     out = model.generate(torch.zeros(3, 1, dtype=torch.long), 5, temperature=temperature)
     assert out.shape == (3, 6) and int(out.min()) >= 0 and int(out.max()) < 11
+
+
+def test_text_streams_as_it_is_generated_and_equals_the_batch_samples(checkpoint, monkeypatch):
+    """Each character reaches stdout (flushed) as it is drawn; the printed text is the same as ``sample``'s."""
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.flushed: list[str] = []
+            self._pending = ""
+
+        def write(self, text: str) -> int:
+            self._pending += text
+            return len(text)
+
+        def flush(self) -> None:
+            self.flushed.append(self._pending)
+            self._pending = ""
+
+    out = Recorder()
+    monkeypatch.setattr(sys, "stdout", out)
+    main(["generate", "--ckpt_path", str(checkpoint), *ROMEO, "--seed", "3", "--device", "cpu"])
+    printed = "".join(out.flushed) + out._pending
+    streamed = out.flushed[: 1 + 40]  # the prompt, then the first sample's 40 characters, one flush each
+    assert streamed[0] == "ROMEO:" and all(len(piece) == 1 for piece in streamed[1:])
+
+    from nanogpt_pl.generate import load_checkpoint
+
+    model, tokenizer = load_checkpoint(checkpoint)
+    samples = sample(model, tokenizer, "ROMEO:", 40, 0.8, 40, 3, torch.Generator().manual_seed(3))
+    assert printed == f"\n{SAMPLE_SEPARATOR}\n".join(samples) + "\n"
