@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import io
-import math
 import os
 import signal
 import subprocess

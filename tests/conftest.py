@@ -24,12 +24,30 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def token_cache(tmp_path_factory, monkeypatch) -> Path:
-    """Every test's token cache in a temporary folder: tests never write the user's ~/.cache."""
+@pytest.fixture(scope="session", autouse=True)
+def token_cache(tmp_path_factory) -> Path:
+    """The token cache in a temporary folder for the whole session, set before any fixture trains
+    (module-scoped ones included): tests never write the user's ~/.cache."""
     cache = tmp_path_factory.mktemp("cache")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
-    return cache / "nanogpt_pl"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(cache))
+        yield cache / "nanogpt_pl"
+
+
+def fit_in(root: Path, *args: str) -> Path:
+    """``fit ARGS`` run in ``root`` on the first 20,000 characters of Tiny Shakespeare (``root/small.txt``,
+    returned), as a user standing in that folder would: fixtures that share one trained run use it."""
+    text = root / "small.txt"
+    text.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    from nanogpt_pl.cli import main
+
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        main(["fit", "--data.data_path", str(text), *args])
+    finally:
+        os.chdir(cwd)
+    return text
 
 
 @pytest.fixture

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-from conftest import REPO, SHAKESPEARE
+from conftest import REPO, fit_in
 from nanogpt_pl.cli import main
 from nanogpt_pl.model import GPT, GPTConfig
 from test_reproduce import _png_size
@@ -17,21 +16,14 @@ from test_reproduce import _png_size
 def run(tmp_path_factory):
     """A few steps of a small v7_cpu (2 layers x 2 heads) logging its attention at every 2nd estimate."""
     root = tmp_path_factory.mktemp("attention")
-    text = root / "small.txt"
-    text.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        main([
-            "fit", "--config", str(REPO / "configs/v7_cpu.yaml"), "--data.data_path", str(text),
-            "--model.config.n_embd", "32", "--model.config.n_head", "2", "--model.config.n_layer", "2",
-            "--data.block_size", "16", "--data.batch_size", "8", "--data.eval_iters", "2",
-            "--trainer.max_steps", "4", "--trainer.val_check_interval", "1", "--trainer.precision", "32",
-            "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
-            "--attention.every_n_estimates", "2",
-        ])
-    finally:
-        os.chdir(cwd)
+    fit_in(
+        root, "--config", str(REPO / "configs/v7_cpu.yaml"),
+        "--model.config.n_embd", "32", "--model.config.n_head", "2", "--model.config.n_layer", "2",
+        "--data.block_size", "16", "--data.batch_size", "8", "--data.eval_iters", "2",
+        "--trainer.max_steps", "4", "--trainer.val_check_interval", "1", "--trainer.precision", "32",
+        "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+        "--attention.every_n_estimates", "2",
+    )
     return root / "tb_logs/v7_cpu/version_0"
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from nanogpt_pl.cli import main
-from conftest import REPO, SHAKESPEARE, TINY, run_cli
+from conftest import REPO, TINY, fit_in, run_cli
 
 V2 = ["--config", str(REPO / "configs/v2.yaml"), "--data.batch_size", "8", "--trainer.precision", "32"]
 
@@ -31,14 +31,7 @@ class Payload:
 def trained(tmp_path_factory):
     """A small v2 run's folder, data file and last.ckpt (dropout 0)."""
     root = tmp_path_factory.mktemp("gate")
-    text = root / "small.txt"
-    text.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        main(["fit", *V2, "--data.data_path", str(text), *TINY])
-    finally:
-        os.chdir(cwd)
+    text = fit_in(root, *V2, *TINY)
     return root, text, next(root.glob("tb_logs/v2/version_0/checkpoints/last.ckpt"))
 
 

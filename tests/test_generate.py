@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, SHAKESPEARE
+from conftest import REPO, fit_in
 from nanogpt_pl.cli import main
 from nanogpt_pl.data import CharTokenizer
 from nanogpt_pl.generate import SAMPLE_SEPARATOR, sample
@@ -21,20 +20,13 @@ from nanogpt_pl.model import GPT, GPTConfig
 def checkpoint(tmp_path_factory):
     """last.ckpt of a few steps of a small v7 (dropout on), written by the command line."""
     root = tmp_path_factory.mktemp("trained")
-    text = root / "small.txt"
-    text.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        main([
-            "fit", "--config", str(REPO / "configs/v7.yaml"), "--data.data_path", str(text),
-            "--model.config.n_embd", "32", "--model.config.n_head", "2", "--model.config.n_layer", "2",
-            "--data.block_size", "16", "--data.batch_size", "8", "--data.eval_iters", "2",
-            "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trainer.precision", "32",
-            "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
-        ])
-    finally:
-        os.chdir(cwd)
+    fit_in(
+        root, "--config", str(REPO / "configs/v7.yaml"),
+        "--model.config.n_embd", "32", "--model.config.n_head", "2", "--model.config.n_layer", "2",
+        "--data.block_size", "16", "--data.batch_size", "8", "--data.eval_iters", "2",
+        "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trainer.precision", "32",
+        "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+    )
     return root / "tb_logs/v7/version_0/checkpoints/last.ckpt"
 
 
