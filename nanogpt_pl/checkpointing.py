@@ -31,6 +31,7 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins import TorchCheckpointIO
+from lightning.fabric.utilities.rank_zero import _get_rank as _launch_rank
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -83,13 +84,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         _fsync_directory(path.parent)
 
 
-def lock_run_folder(folder: Path):
+def lock_run_folder(folder: Path) -> Optional[Any]:
     """One resumed run per version folder: an exclusive ``flock`` held until the process ends.
 
     The kernel drops the lock when its holder dies, so a killed run never blocks the next resume.
+    Only the process that writes the folder holds it: global rank 0 as the launcher sees it (no rank
+    set yet, or rank 0 of node 0). The processes of the same run that Lightning, torchrun or SLURM
+    start beside it parse the same command line and must not find the folder taken by their own run.
     """
     import fcntl
 
+    if (_launch_rank() or 0) != 0 or int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", 0))) != 0:
+        return None
     handle = open(folder / ".run.lock", "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
