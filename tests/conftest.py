@@ -25,13 +25,21 @@ TINY = [
 
 
 @pytest.fixture(scope="session", autouse=True)
-def token_cache(tmp_path_factory) -> Path:
-    """The token cache in a temporary folder for the whole session, set before any fixture trains
-    (module-scoped ones included): tests never write the user's ~/.cache."""
-    cache = tmp_path_factory.mktemp("cache")
+def session_token_cache(tmp_path_factory) -> Path:
+    """The token cache in a temporary folder from the start of the session, so module-scoped
+    fixtures that train never write the user's ~/.cache either."""
+    cache = tmp_path_factory.mktemp("session-cache")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("XDG_CACHE_HOME", str(cache))
         yield cache / "nanogpt_pl"
+
+
+@pytest.fixture(autouse=True)
+def token_cache(tmp_path_factory, monkeypatch) -> Path:
+    """Every test's own, empty token cache: tests never write the user's ~/.cache, nor see another test's."""
+    cache = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    return cache / "nanogpt_pl"
 
 
 def fit_in(root: Path, *args: str) -> Path:
