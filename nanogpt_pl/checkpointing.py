@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import io
+import math
 import os
 import signal
 import subprocess
@@ -380,7 +381,7 @@ class NonFiniteLossGuard(Callback):
     checkpoint is written, so ``last.ckpt`` keeps the last good state. Under DDP the verdict is
     reduced over the processes at those same points and they all stop together (one stopping alone
     would leave the others waiting in the next all-reduce). On a CPU in one process reading costs
-    nothing, so it is read at every optimizer step.
+    nothing, so every batch's loss is read as one float instead.
     """
 
     NONE = 2**62  # no bad step yet (the verdict is the first bad step: a minimum over processes)
@@ -396,11 +397,15 @@ class NonFiniteLossGuard(Callback):
         if loss is None or self._first_bad_step is None:
             return
         # "step N" is the N-th optimizer step, the one this batch belongs to.
+        if trainer.world_size == 1 and loss.device.type == "cpu":
+            # Reading the loss costs nothing here: one float per batch, no tensor bookkeeping.
+            if not math.isfinite(loss.item()):
+                self._stop(trainer, steps.optimizer_step(trainer))
+            return
         bad = ~torch.isfinite(loss.detach())
         first_if_bad = self._first_bad_step.clamp(max=steps.optimizer_step(trainer))
         self._first_bad_step = torch.where(bad, first_if_bad, self._first_bad_step)
-        alone_on_cpu = trainer.world_size == 1 and loss.device.type == "cpu"
-        if steps.is_logging_step(trainer) or (alone_on_cpu and steps.ends_optimizer_step(trainer)):
+        if steps.is_logging_step(trainer):
             self._check(trainer)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

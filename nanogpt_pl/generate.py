@@ -81,10 +81,8 @@ def sample(
     An empty prompt starts from token 0, as the lecture does (a newline, for Tiny Shakespeare).
     The model's train/eval mode is left as it was found, so this can run in the middle of training.
     """
-    texts: list[list[str]] = []
-    for step in stream_samples(model, tokenizer, prompt, max_new_tokens, temperature, top_k, num_samples, generator):
-        texts = [[*text, piece] for text, piece in zip(texts, step)] if texts else [[piece] for piece in step]
-    return ["".join(text) for text in texts]
+    steps = stream_samples(model, tokenizer, prompt, max_new_tokens, temperature, top_k, num_samples, generator)
+    return ["".join(pieces) for pieces in zip(*steps)]  # per step, one piece per sample: transposed
 
 
 def stream_samples(
@@ -106,9 +104,8 @@ def stream_samples(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            for new in model.stream(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator):
-                yield [tokenizer.decode(row) for row in new.tolist()]  # one host sync per character
+        for new in model.stream(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator):
+            yield [tokenizer.decode(row) for row in new.tolist()]  # one host sync per character
     finally:
         model.train(was_training)
 

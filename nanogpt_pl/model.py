@@ -265,9 +265,9 @@ class GPT(nn.Module):
         no rows beyond it. ``generator`` makes sampling reproducible without touching the
         global random state.
         """
-        new = list(self.stream(idx, max_new_tokens, temperature, top_k, generator))
-        return torch.cat([idx, *new], dim=1)
+        return torch.cat([idx, *self.stream(idx, max_new_tokens, temperature, top_k, generator)], dim=1)
 
+    @torch.no_grad()  # applied around each step of the generator, not while the caller holds it
     def stream(
         self,
         idx: torch.Tensor,
