@@ -9,16 +9,18 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import sys
+import warnings
 from pathlib import Path
 
 from jsonargparse import ArgumentError, Namespace, auto_cli, set_parsing_settings
+from lightning.fabric.utilities.seed import max_seed_value, min_seed_value
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 import nanogpt_pl
-from nanogpt_pl import checkpoint_gate, checkpointing, precision, resources
+from nanogpt_pl import checkpoint_gate, checkpoint_io, checkpointing, precision, resources
 from nanogpt_pl.attention import AttentionMaps
 from nanogpt_pl.corpus import load_corpus
 from nanogpt_pl.data import CharDataModule, vocab_size_of
@@ -43,7 +45,7 @@ TRAINER_DEFAULTS = {
     # A sanity pass would spend a full evaluation before step 0 and advance the eval sampler.
     "num_sanity_val_steps": 0,
     # Checkpoints are written to a temporary file and renamed: a kill never leaves a truncated one.
-    "plugins": {"class_path": "nanogpt_pl.checkpointing.AtomicCheckpointIO"},
+    "plugins": {"class_path": "nanogpt_pl.checkpoint_io.AtomicCheckpointIO"},
 }
 
 
@@ -92,6 +94,12 @@ class GPTCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
         GPTConfig(**config.model.config.as_dict())
+        seed = config.get("seed_everything")
+        if not isinstance(seed, bool) and isinstance(seed, int) and not min_seed_value <= seed <= max_seed_value:
+            raise UsageError(
+                f"seed_everything must be an integer from {min_seed_value} to {max_seed_value} (or true for a "
+                f"random one), got {seed}."
+            )
 
     def before_instantiate_classes(self) -> None:
         """Name the TensorBoard run after the config file (``configs/v7.yaml`` logs to ``tb_logs/v7``).
@@ -109,6 +117,7 @@ class GPTCLI(LightningCLI):
             self._resolve_last_checkpoint(config)
         if config.get("ckpt_path"):
             self._gate_checkpoint(config)
+        self._claim_run_folders(config)
 
     def _parse_ckpt_path(self) -> None:
         """Lightning's version lets the checkpoint's hyper-parameters silently replace the config's;
@@ -130,36 +139,94 @@ class GPTCLI(LightningCLI):
         Continuing means logging into the same version folder, so TensorBoard shows one run and the
         next ``last`` finds the newest checkpoint. Without ``--ckpt_path``, ``fit`` always starts afresh.
         ``--ckpt_path auto`` is ``last`` when there is a checkpoint and a fresh run when there is none:
-        the one command a requeued cluster job can run every time. Ends with ``config.ckpt_path`` a
-        path or None.
+        the one command a requeued cluster job can run every time (a folder another run holds is
+        refused as with ``last``, never trained into). Ends with ``config.ckpt_path`` a path or None.
         """
         try:
-            config.ckpt_path = str(self._last_checkpoint(config))
-        except UsageError:
+            last = checkpoint_io.find_last_checkpoint(*self._checkpoint_search(config))
+        except checkpoint_io.NoCheckpoint:
             if config.ckpt_path != "auto":
                 raise
             config.ckpt_path = None
+            return
+        config.ckpt_path = str(last)
+        self._continues_run = True
+        init_args = self._versioned_logger(config)
+        if init_args is not None and not config.checkpoint.dirpath and self.subcommand == "fit":
+            init_args.version = last.parent.parent.name
 
-    def _last_checkpoint(self, config) -> Path:
-        init_args = getattr(config.trainer.logger, "init_args", None)
+    def _checkpoint_search(self, config) -> tuple[Path, str]:
+        """Where ``last`` looks: ``--checkpoint.dirpath``, else every version folder of the logger's
+        ``<save_dir>/<name>`` (Lightning's ``<version>/checkpoints``), else ``<default_root_dir>/checkpoints``."""
+        init_args = self._versioned_logger(config)
         if config.checkpoint.dirpath:
-            last = checkpointing.find_last_checkpoint(Path(config.checkpoint.dirpath))
-        elif init_args is not None and init_args.get("save_dir") is not None and "version" in init_args:
-            # Lightning's checkpoints go to <save_dir>/<name>/<version>/checkpoints.
-            last = checkpointing.find_last_checkpoint(Path(init_args.save_dir) / init_args.name, "*/checkpoints/")
-            if self.subcommand == "fit":
-                init_args.version = last.parent.parent.name
-                self._run_lock = checkpointing.lock_run_folder(last.parent.parent)
-        else:  # no logger: <default_root_dir>/checkpoints
-            last = checkpointing.find_last_checkpoint(Path(config.trainer.default_root_dir or ".") / "checkpoints")
-        return last
+            return Path(config.checkpoint.dirpath), ""
+        if init_args is not None:
+            return Path(init_args.save_dir) / init_args.name, "*/checkpoints/"
+        return Path(config.trainer.default_root_dir or ".") / "checkpoints", ""
+
+    @staticmethod
+    def _versioned_logger(config):
+        """The logger's init_args where it writes ``<save_dir>/<name>/<version>`` (TensorBoard, CSV), else None."""
+        init_args = getattr(config.trainer.logger, "init_args", None)
+        if init_args is not None and init_args.get("save_dir") is not None and "version" in init_args:
+            return init_args
+        return None
+
+    def _claim_run_folders(self, config) -> None:
+        """``fit``: one writer per run folder, fresh or resumed: every folder the run will write its
+        checkpoints and logs into is locked (``checkpoint_io.RunFolder``) before anything is built.
+
+        A fresh run's version folder is created here, not left to the logger, so two runs started at
+        once get two folders. Only the launching process claims (the others of a DDP run write nothing).
+        """
+        self._run_folders: list[checkpoint_io.RunFolder] = []
+        if self.subcommand != "fit" or not checkpoint_io.launching_process():
+            return
+        init_args = self._versioned_logger(config)
+        try:
+            if init_args is not None:
+                parent = Path(init_args.save_dir) / init_args.name
+                version = init_args.version
+                if version is None:
+                    folder = checkpoint_io.RunFolder.claim_new_version(parent)
+                    init_args.version = folder.folder.name
+                else:  # Lightning's naming: an int k is version_k, a string is the folder's name
+                    name = version if isinstance(version, str) else f"version_{version}"
+                    folder = checkpoint_io.RunFolder.lock(parent / name)
+                self._run_folders.append(folder)
+            if config.checkpoint.dirpath:
+                self._run_folders.append(checkpoint_io.RunFolder.lock(Path(config.checkpoint.dirpath)))
+            elif init_args is None:
+                root = Path(config.trainer.default_root_dir or ".")
+                self._run_folders.append(checkpoint_io.RunFolder.lock(root / "checkpoints"))
+        except UsageError:
+            self._release_run_folders()
+            raise
+
+    def _release_run_folders(self) -> None:
+        for folder in getattr(self, "_run_folders", []):
+            folder.release()
+        self._run_folders = []
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            with warnings.catch_warnings():
+                if getattr(self, "_continues_run", False):
+                    # Continuing a run means writing into its checkpoint folder: Lightning's warning
+                    # that the folder "exists and is not empty" describes the expected case.
+                    warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+                super()._run_subcommand(subcommand)
+        finally:
+            self._release_run_folders()
 
     def instantiate_classes(self) -> None:
         """Build everything, turning a constructor's refusal (Lightning's MisconfigurationException, a
         ValueError of PyTorch's optimizer or Lightning's trainer) into one line before anything runs.
 
         The optimizer is built once here, so its arguments (a negative learning rate, say) are checked
-        before the run writes its log folder.
+        before the run writes its log folder. A refusal leaves no trace: a run folder claimed for
+        the run and still empty is removed.
         """
         try:
             super().instantiate_classes()
@@ -168,10 +235,14 @@ class GPTCLI(LightningCLI):
             interval = trainer.val_check_interval
             if isinstance(interval, (int, float)) and not interval > 0:
                 raise ValueError(f"trainer.val_check_interval must be positive, got {interval}")
+            if self.datamodule is not None:
+                self.datamodule.check_processes(self.trainer.world_size)
         except (MisconfigurationException, ValueError) as err:
+            self._release_run_folders()
             raise UsageError(f"invalid configuration: {str(err).splitlines()[0]} (see --help).") from None
-        if self.datamodule is not None:
-            self.datamodule.check_processes(self.trainer.world_size)
+        except BaseException:
+            self._release_run_folders()
+            raise
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         """Lightning's trainer with this project's monitoring: TensorBoard scalars, the bar, the summary."""

@@ -146,6 +146,6 @@ def test_second_resume_of_a_folder_names_the_holder(trained, capsys):
     finally:
         holder.kill()
         holder.wait()
-    from nanogpt_pl.checkpointing import lock_run_folder
+    from nanogpt_pl.checkpoint_io import RunFolder
 
-    lock_run_folder(folder).close()  # the killed holder's lock is gone with it
+    RunFolder.lock(folder).release()  # the killed holder's lock is gone with it

@@ -291,7 +291,7 @@ def test_full_disk_is_one_line_and_leaves_the_previous_checkpoint(tmp_path, monk
     import errno as errno_module
     import io
 
-    from nanogpt_pl.checkpointing import AtomicCheckpointIO
+    from nanogpt_pl.checkpoint_io import AtomicCheckpointIO
     from nanogpt_pl.errors import UsageError
 
     io_plugin = AtomicCheckpointIO()

@@ -1,0 +1,189 @@
+"""Where checkpoints and runs live on disk: atomic writes, one writer per run folder, ``last``.
+
+- ``AtomicCheckpointIO``: a checkpoint appears complete under its name, or not at all.
+- ``RunFolder``: one run writes a run folder at a time.
+- ``find_last_checkpoint``: what ``--ckpt_path last`` means on the command line.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.fabric.utilities.rank_zero import _get_rank as _launch_rank
+from lightning.pytorch.plugins import TorchCheckpointIO
+
+from nanogpt_pl.errors import UsageError
+
+LAST = "last"  # ModelCheckpoint's name for the newest checkpoint: last.ckpt (last-v1.ckpt, ... on name clashes)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint to a temporary file in its own directory, then renames it into place.
+
+    A rename within one directory is atomic, so a process killed at any moment leaves either the
+    previous complete ``last.ckpt`` or the new one. (Lightning's default stages the file in the
+    system temp directory, whose move onto another file system is a copy that a kill can cut short.)
+    Remote paths keep Lightning's own writer.
+    """
+
+    def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None):
+        """Always ``weights_only=True`` and local: ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` or a URL must not
+        let a planted checkpoint run code (the CLI's checkpoint gate has checked the file already)."""
+        if not isinstance(get_filesystem(path), LocalFileSystem):
+            raise UsageError(f"checkpoint {path} is not a local file: download it and pass the file.")
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # One fixed name per target: a file left by a killed writer is simply overwritten next time.
+        partial = path.with_name(f".{path.name}.partial")
+        try:
+            with open(partial, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())  # the bytes reach the disk before the name points at them
+        except (OSError, RuntimeError) as err:  # torch's zip writer reports a full disk as RuntimeError
+            partial.unlink(missing_ok=True)
+            if not _disk_full(err):
+                raise
+            buffer = io.BytesIO()
+            torch.save(checkpoint, buffer)
+            raise UsageError(
+                f"no space left in {path.parent} to save {path.name} ({buffer.tell():,} bytes needed); "
+                "free space there and resume with --ckpt_path last (the previous checkpoint is intact)."
+            ) from None
+        os.replace(partial, path)
+        _fsync_directory(path.parent)
+
+
+def launching_process() -> bool:
+    """Whether this is the process that writes the run's folders: global rank 0 as the launcher sees
+    it (no rank set yet, or rank 0 of node 0). The processes of the same run that Lightning, torchrun
+    or SLURM start beside it parse the same command line and must neither claim nor lock anything."""
+    node = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", 0)))
+    return (_launch_rank() or 0) == 0 and node == 0
+
+
+class RunFolder:
+    """One writer per run folder: an exclusive ``flock`` on ``<folder>/.run.lock``, held until the
+    process ends (or ``release``).
+
+    The kernel drops the lock when its holder dies, so a killed run never blocks the next one. A
+    fresh run takes a new folder with ``claim_new_version``, a resumed one its old folder with
+    ``lock``: either way a second run that would write there stops with the holder's PID.
+    """
+
+    def __init__(self, folder: Path, handle, created: bool) -> None:
+        self.folder, self._handle, self._created = folder, handle, created
+
+    @classmethod
+    def lock(cls, folder: Path, created: bool = False) -> "RunFolder":
+        import fcntl
+
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            handle = open(folder / ".run.lock", "a+")
+        except OSError as err:
+            raise UsageError(
+                f"cannot write the run folder {folder} ({err.strerror or err}): make it writable, or "
+                "choose another place with --trainer.logger.init_args.save_dir or --checkpoint.dirpath."
+            ) from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise UsageError(
+                f"{folder} is in use by another run (PID {holder}): wait for it to finish or stop it first."
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        return cls(folder, handle, created)
+
+    @classmethod
+    def claim_new_version(cls, parent: Path) -> "RunFolder":
+        """The next free ``version_<k>`` under ``parent``, created and locked by this run.
+
+        Created with an exclusive ``mkdir``, so two runs started at once never share a number (the
+        logger's own choice, made later, would give both the same one).
+        """
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            taken = [p.name.split("_", 1)[1] for p in parent.glob("version_*")]
+        except OSError as err:
+            raise UsageError(
+                f"cannot write the log folder {parent} ({err.strerror or err}): make it writable, or "
+                "choose another place with --trainer.logger.init_args.save_dir."
+            ) from None
+        version = 1 + max((int(k) for k in taken if k.isdigit()), default=-1)
+        while True:
+            folder = parent / f"version_{version}"
+            try:
+                folder.mkdir()
+            except FileExistsError:
+                version += 1
+                continue
+            except OSError as err:
+                raise UsageError(f"cannot create the run folder {folder} ({err.strerror or err}).") from None
+            return cls.lock(folder, created=True)
+
+    def release(self) -> None:
+        """Unlock; a folder this run created and never wrote into (the run failed before starting) goes."""
+        self._handle.close()
+        if self._created and [p.name for p in self.folder.iterdir()] == [".run.lock"]:
+            (self.folder / ".run.lock").unlink(missing_ok=True)
+            self.folder.rmdir()
+
+
+def _disk_full(err: BaseException) -> bool:
+    return getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(err) or (
+        "inline_container" in str(err)
+    )
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+
+class NoCheckpoint(UsageError):
+    """``--ckpt_path last`` found nothing to continue (``auto`` then starts afresh)."""
+
+
+def find_last_checkpoint(directory: Path, subdirectories: str = "") -> Path:
+    """The most recently written ``last*.ckpt`` in ``directory`` (or in its ``subdirectories`` pattern).
+
+    On the command line the directory is the logger's ``<save_dir>/<name>`` (``tb_logs/v2``) and the
+    pattern ``*/checkpoints/``: every fresh ``fit`` gets a new version folder there, and
+    ``--ckpt_path last`` picks the run whose ``last.ckpt`` was written last.
+    """
+    pattern = f"{subdirectories}{LAST}*.ckpt"
+    candidates = list(directory.glob(pattern)) if directory.is_dir() else []
+    if not candidates:
+        raise NoCheckpoint(
+            f"--ckpt_path last: no checkpoint matches {directory / pattern}; start a fresh run without "
+            "--ckpt_path, or pass the path of a .ckpt file."
+        )
+    return max(candidates, key=lambda p: p.stat().st_mtime)
+
