@@ -83,13 +83,15 @@ class RunFolder:
     ``lock``: either way a second run that would write there stops with the holder's PID.
     """
 
-    def __init__(self, folder: Path, handle, created: bool) -> None:
+    def __init__(self, folder: Path, handle, created: list[Path]) -> None:
         self.folder, self._handle, self._created = folder, handle, created
 
     @classmethod
-    def lock(cls, folder: Path, created: bool = False) -> "RunFolder":
+    def lock(cls, folder: Path, created: tuple[Path, ...] = ()) -> "RunFolder":
+        """Lock ``folder``, created (with its parents) if missing; ``created``: folders the caller made for it."""
         import fcntl
 
+        created = [*_missing(folder), *created]
         try:
             folder.mkdir(parents=True, exist_ok=True)
             handle = open(folder / ".run.lock", "a+")
@@ -120,6 +122,7 @@ class RunFolder:
         Created with an exclusive ``mkdir``, so two runs started at once never share a number (the
         logger's own choice, made later, would give both the same one).
         """
+        made = _missing(parent)
         try:
             parent.mkdir(parents=True, exist_ok=True)
             taken = [p.name.split("_", 1)[1] for p in parent.glob("version_*")]
@@ -138,14 +141,25 @@ class RunFolder:
                 continue
             except OSError as err:
                 raise UsageError(f"cannot create the run folder {folder} ({err.strerror or err}).") from None
-            return cls.lock(folder, created=True)
+            return cls.lock(folder, created=(folder, *made))
 
     def release(self) -> None:
-        """Unlock; a folder this run created and never wrote into (the run failed before starting) goes."""
+        """Unlock. Folders made for this run that it never wrote into (it was refused before starting)
+        are removed again, so a refused command leaves nothing behind."""
         self._handle.close()
-        if self._created and [p.name for p in self.folder.iterdir()] == [".run.lock"]:
-            (self.folder / ".run.lock").unlink(missing_ok=True)
-            self.folder.rmdir()
+        if not self._created or [p.name for p in self.folder.iterdir()] != [".run.lock"]:
+            return
+        (self.folder / ".run.lock").unlink(missing_ok=True)
+        for folder in sorted(set(self._created), key=lambda p: len(p.parts), reverse=True):
+            try:
+                folder.rmdir()  # deepest first; one that holds anything else stays
+            except OSError:
+                break
+
+
+def _missing(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet."""
+    return [p for p in (folder, *folder.parents) if not p.exists()]
 
 
 def _disk_full(err: BaseException) -> bool:

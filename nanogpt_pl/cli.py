@@ -245,11 +245,15 @@ class GPTCLI(LightningCLI):
             raise
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
-        """Lightning's trainer with this project's monitoring: TensorBoard scalars, the bar, the summary."""
+        """Lightning's trainer with this project's resume, stop and monitoring callbacks: always
+        present, whatever ``trainer.callbacks`` adds, and built per run since they hold its state.
+
+        Resume and stop come first: the step count they restore is what the others log against.
+        """
         config = self._get(self.config_init, "trainer", default={})
         callbacks = config.get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
-        callbacks += [TokenThroughput(), HParamsMetric(), RunSummary()]
+        callbacks = [*checkpointing.callbacks(), *callbacks, TokenThroughput(), HParamsMetric(), RunSummary()]
         if config.get("logger") is not False:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         # Lightning refuses a bar callback when the bar is off, and adds its own when none is given.
@@ -264,8 +268,7 @@ def cli(args=None, run: bool = True) -> GPTCLI:
         GPTModule,
         CharDataModule,
         seed_everything_default=1337,
-        # Callbacks given here are always present; built per run since they hold its state.
-        trainer_defaults={**TRAINER_DEFAULTS, "callbacks": checkpointing.callbacks()},
+        trainer_defaults=TRAINER_DEFAULTS,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,  # the optimizer is model.optimizer, stated once
         # Parse errors raise instead of printing the whole usage; main() prints one line.

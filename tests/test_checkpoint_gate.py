@@ -141,11 +141,31 @@ def test_second_resume_of_a_folder_names_the_holder(trained, capsys):
         str(folder / ".run.lock")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        line = _fails(capsys, root, ["fit", *V2, "--data.data_path", str(text), *TINY, "--ckpt_path", "last"])
-        assert f"in use by another run (PID {holder.pid})" in line
+        for resume in ("last", "auto"):  # auto too: a held folder is refused, never trained into afresh
+            line = _fails(capsys, root, ["fit", *V2, "--data.data_path", str(text), *TINY, "--ckpt_path", resume])
+            assert f"in use by another run (PID {holder.pid})" in line
     finally:
         holder.kill()
         holder.wait()
     from nanogpt_pl.checkpoint_io import RunFolder
 
     RunFolder.lock(folder).release()  # the killed holder's lock is gone with it
+
+
+def test_a_run_folder_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    text = fit_in(tmp_path, *V2, *TINY)
+    lock = tmp_path / "tb_logs/v2/version_0/.run.lock"
+    lock.unlink()
+    lock.mkdir()  # the lock cannot be opened (as a read-only folder would refuse it)
+    line = _fails(capsys, tmp_path, ["fit", *V2, "--data.data_path", str(text), *TINY, "--ckpt_path", "last"])
+    assert "cannot write the run folder" in line and "version_0" in line
+
+
+@pytest.mark.parametrize("mistake", [
+    ["--model.optimizer.init_args.lr", "-1"],  # refused once the classes are built: after the claim
+    ["--seed_everything", "-1"],
+    ["--seed_everything", str(2**32)],
+])
+def test_a_refused_fit_leaves_no_run_folder(tmp_path, small_text, capsys, mistake):
+    line = _fails(capsys, tmp_path, ["fit", *V2, "--data.data_path", str(small_text), *TINY, *mistake])
+    assert ("seed_everything" in line) == ("--seed_everything" in mistake), line

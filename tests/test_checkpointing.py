@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -65,14 +66,20 @@ def wait_for(condition, process: subprocess.Popen, timeout: float = 120, poll: f
 
 
 def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
-    """Every logged scalar by tag and step; event files are read oldest first, so a resumed run's
-    values replace what the interrupted run logged after its checkpoint."""
+    """Every logged scalar by tag and step, over the run's event files (one per start of the run).
+
+    A stopped run logs nothing after its checkpoint, so a resumed one that labels its steps as an
+    uninterrupted run does never writes a label that an earlier file holds: each is checked once.
+    """
     merged: dict[str, dict[int, float]] = {}
     for events in sorted(run_dir.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
         acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
         acc.Reload()
         for tag in acc.Tags()["scalars"]:
-            merged.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
+            points = {e.step: e.value for e in acc.Scalars(tag)}
+            again = sorted(set(points) & set(merged.get(tag, {})))
+            assert not again, f"{events.name} logs {tag} again at steps {again}"
+            merged.setdefault(tag, {}).update(points)
     return merged
 
 
@@ -107,6 +114,7 @@ def test_resume_is_exact_after_sigterm_ctrl_c_or_a_finished_run(small_text, tmp_
     # `--ckpt_path last` continues the same run to step 30.
     for signum, signalled, step, during_estimate in [
         (signal.SIGTERM, 13, 14, False), (signal.SIGINT, 20, 20, False), (signal.SIGTERM, 10, 10, True),
+        (signal.SIGHUP, 5, 6, False),  # a closed terminal stops as SIGTERM does
     ]:
         run_dir = tmp_path / f"stopped_{step}"
         run_dir.mkdir()
@@ -127,6 +135,47 @@ def test_resume_is_exact_after_sigterm_ctrl_c_or_a_finished_run(small_text, tmp_
     main(["fit", *small_v7(small_text, steps=20)])
     main(["fit", *small_v7(small_text), "--ckpt_path", "last"])
     assert_same_run(scalars(tmp_path / "stopped_20/tb_logs/v7/version_0"), expected)
+
+
+def test_an_extended_run_logs_each_step_where_an_uninterrupted_run_does(small_text, tmp_path, monkeypatch, capsys):
+    # Finished at step 25, whose final estimate is off val_check_interval (10), then extended to 30:
+    # every later step keeps its label and the final estimate at 30 still runs.
+    monkeypatch.chdir(tmp_path)
+    main(["fit", *small_v7(small_text)])
+    expected = scalars(tmp_path / "tb_logs/v7/version_0")
+    (tmp_path / "extended").mkdir()
+    monkeypatch.chdir(tmp_path / "extended")
+    main(["fit", *small_v7(small_text, steps=25)])
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(["fit", *small_v7(small_text), "--ckpt_path", "last"])
+    captured = capsys.readouterr()
+    # Continuing a run writes into its own checkpoint folder: expected, so not warned about.
+    assert not [w for w in caught if "exists and is not empty" in str(w.message)]
+    extended = scalars(tmp_path / "extended/tb_logs/v7/version_0")
+    assert extended["train/loss"] == expected["train/loss"]
+    assert sorted(extended["val/loss"]) == [10, 20, 25, 30]
+    assert "done: steps 25-30" in captured.out and "estimate train" in captured.out
+
+
+def test_one_writer_per_run_folder_fresh_runs_included(small_text, tmp_path, monkeypatch, capsys):
+    # A fresh run holds its new version folder from the start: neither `last` nor `auto` trains into
+    # it while it runs, and another fresh run takes the next folder.
+    running = popen_fit(small_v7(small_text, steps=100_000), tmp_path)
+    folder = tmp_path / "tb_logs/v7/version_0"
+    wait_for((folder / "checkpoints/last.ckpt").exists, running, poll=0.01)
+    monkeypatch.chdir(tmp_path)
+    try:
+        for resume in ("last", "auto"):
+            with pytest.raises(SystemExit):
+                main(["fit", *small_v7(small_text, steps=2), "--ckpt_path", resume])
+            assert f"in use by another run (PID {running.pid})" in capsys.readouterr().err
+        main(["fit", *small_v7(small_text, steps=2)])
+        assert sorted(p.name for p in (tmp_path / "tb_logs/v7").iterdir()) == ["version_0", "version_1"]
+    finally:
+        running.send_signal(signal.SIGTERM)
+        finish(running, tmp_path)
 
 
 def test_kills_during_saves_and_sigterm_leave_a_loadable_last_checkpoint(small_text, tmp_path, monkeypatch):
