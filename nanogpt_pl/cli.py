@@ -326,6 +326,9 @@ def main(args=None) -> None:
         sys.exit(2)
     except SIGTERMException:  # stopped by SIGTERM or Ctrl-C, checkpoint written: not a finished run
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C where nothing needs saving (generate), or a second one in fit
+        print("\nerror: interrupted (Ctrl-C).", file=sys.stderr)
+        sys.exit(130)
 
 
 def _version() -> str:

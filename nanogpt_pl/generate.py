@@ -135,14 +135,20 @@ def generate(
         device: Where to run: auto (a GPU if there is one), cpu, cuda, cuda:1, ...
     """
     check_sampling_args(max_new_tokens, temperature, top_k, num_samples)
+    if seed is not None and not 0 <= seed < 2**64:
+        raise UsageError(f"seed must be an integer from 0 to 2**64 - 1, got {seed}.")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(device)
     except RuntimeError:
         raise UsageError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N.") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"device {device} is not supported for sampling: use auto, cpu, cuda or cuda:N.")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device {device} requested but no CUDA GPU is available: use --device cpu.")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"device {device} does not exist: this machine has {torch.cuda.device_count()} GPU(s).")
     model, tokenizer = load_checkpoint(ckpt_path, device)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     # The samples are drawn together; the first is printed as it is generated, so a long sample shows

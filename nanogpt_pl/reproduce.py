@@ -23,6 +23,7 @@ from typing import Optional
 import lightning
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from nanogpt_pl import resources
 from nanogpt_pl.cli import cli
@@ -241,6 +242,14 @@ def _run(config: Path, seed: int, runs_dir: Path, label: str, overrides: list[st
     argv, sys.argv = sys.argv, sys.argv[:1]
     try:
         trainer = cli(args=args).trainer
+    except SIGTERMException:
+        # fit has just said how to continue this one run by hand; a rerun of reproduce does not.
+        print(
+            f"reproduce stopped during {config.stem} seed {seed}: a rerun of reproduce trains that run "
+            f"again from step 0 (it clears {run_dir}).",
+            file=sys.stderr,
+        )
+        raise
     finally:
         sys.argv = argv
     wall = time.perf_counter() - start

@@ -91,6 +91,11 @@ def bad_inputs(checkpoint, tmp_path):
         "max_new_tokens 0": (["--ckpt_path", ckpt, "--max_new_tokens", "0"], "max_new_tokens must be at least 1"),
         "max_new_tokens < 0": (["--ckpt_path", ckpt, "--max_new_tokens", "-5"], "max_new_tokens must be at least 1"),
         "temperature 0": (["--ckpt_path", ckpt, "--temperature", "0"], "temperature must be positive"),
+        "seed beyond 64 bits": (["--ckpt_path", ckpt, "--seed", str(2**64)], "seed must be an integer from 0"),
+        "negative seed": (["--ckpt_path", ckpt, "--seed", "-1"], "seed must be an integer from 0"),
+        "meta device": (["--ckpt_path", ckpt, "--device", "meta"], "not supported for sampling"),
+        "mps device": (["--ckpt_path", ckpt, "--device", "mps"], "not supported for sampling"),
+        "absent GPU": (["--ckpt_path", ckpt, "--device", "cuda:7"], "cuda:7"),
     }
 
 
@@ -158,3 +163,42 @@ def test_text_streams_as_it_is_generated_and_equals_the_batch_samples(checkpoint
     model, tokenizer = load_checkpoint(checkpoint)
     samples = sample(model, tokenizer, "ROMEO:", 40, 0.8, 40, 3, torch.Generator().manual_seed(3))
     assert printed == f"\n{SAMPLE_SEPARATOR}\n".join(samples) + "\n"
+
+
+def test_ctrl_c_while_sampling_is_one_line(checkpoint, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        yield ["ROMEO:"]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("nanogpt_pl.generate.stream_samples", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--ckpt_path", str(checkpoint), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 130 and err.strip() == "error: interrupted (Ctrl-C).", err
+
+
+def test_sampling_keeps_only_the_window_the_model_reads():
+    # The same tokens as the lecture's loop (the whole output concatenated, cropped before each
+    # step), while the tensor fed to the model never grows past block_size.
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=11, block_size=6, n_embd=16, n_head=2, n_layer=1)).eval()
+    start = torch.zeros(2, 1, dtype=torch.long)
+    held, cat = [], torch.cat
+
+    def recording_cat(tensors, *args, **kwargs):
+        result = cat(tensors, *args, **kwargs)
+        held.append(result.size(-1))
+        return result
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "cat", recording_cat)
+        new = list(model.stream(start, 40, generator=torch.Generator().manual_seed(3)))
+    assert len(new) == 40 and max(held) <= 7, held  # the window and one new token, never the output
+    out = torch.cat([start, *new], dim=1)
+    idx, generator = start, torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _ in range(40):
+            logits, _ = model(idx[:, -6:])
+            probs = torch.softmax(logits[:, -1, :].float() - logits[:, -1, :].float().max(-1, keepdim=True).values, -1)
+            idx = torch.cat((idx, torch.multinomial(probs, 1, generator=generator)), dim=1)
+    assert torch.equal(out, idx)
