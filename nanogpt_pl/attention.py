@@ -85,13 +85,20 @@ def attention(*, ckpt_path: str, prompt: str = "ROMEO:", out: Path = Path("atten
     import matplotlib.pyplot as plt
 
     out = Path(out)
+    if not str(out).strip() or out.is_dir():
+        raise UsageError(f"--out {str(out)!r} is not a file name: name the PNG to write, e.g. --out attention.png.")
     if not out.parent.is_dir():
         raise UsageError(f"folder {out.parent} does not exist: create it or choose another --out.")
     fig = attention_figure(weights, prompt)
     tmp = out.with_name(out.name + ".tmp")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, out)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise UsageError(f"cannot write {out} ({err.strerror or err}): choose another --out.") from None
+    finally:
+        plt.close(fig)
     print(f"attention: {out} ({weights.shape[0]} layers x {weights.shape[1]} heads over {len(prompt)} characters)")
 
 

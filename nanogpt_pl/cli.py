@@ -111,7 +111,8 @@ class GPTCLI(LightningCLI):
         precision.fit_to_device(config.trainer, config.model)
         logger = config.trainer.logger
         if logger and getattr(logger, "init_args", None) is not None and logger.init_args.get("name") is None:
-            files = config.get("config") or []
+            # A config given as text (from a pipe) has no file name: jsonargparse keeps it as None.
+            files = [f for f in config.get("config") or [] if f is not None and f.relative not in (None, "None")]
             logger.init_args.name = Path(str(files[-1])).stem if files else "nanogpt"
         if config.get("ckpt_path") in ("last", "auto"):
             self._resolve_last_checkpoint(config)

@@ -9,6 +9,7 @@ Each config names its own reference in its header, in a line the table is built 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -16,6 +17,7 @@ import re
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -69,6 +71,7 @@ def reproduce(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a folder: choose a folder for the results (it is created if missing).")
+    _check_writable(out)  # now, not after hours of training
     results_path = out / "results.json"
     records = _load_records(results_path)  # a damaged file is reported now, not after hours of training
     headers = {path.stem: read_header(path) for path in sorted(Path(configs).glob("*.yaml"))}
@@ -97,6 +100,20 @@ def reproduce(
         # other records are re-read each time, so they survive another reproduce writing there.
         write_report({**_load_records(results_path), **finished}, out, headers)
     _print_outputs(out)
+
+
+def _check_writable(out: Path) -> None:
+    """``out`` exists (created if missing) and takes a file: one line otherwise, nothing created."""
+    missing = [p for p in (out, *out.parents) if not p.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        for folder in missing:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise UsageError(f"cannot write the results folder {out} ({err.strerror or err}): choose another --out.") from None
 
 
 def _print_outputs(out: Path) -> None:

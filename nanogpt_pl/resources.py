@@ -65,12 +65,24 @@ def resolve_config(value: str) -> str:
     if path.is_dir():
         raise UsageError(f"--config {value} is a directory; name a YAML file, e.g. --config v7.yaml.")
     try:
-        yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        settings = yaml.safe_load(text)
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         mark = getattr(err, "problem_mark", None)
         where = f", line {mark.line + 1}" if mark is not None else ""
         reason = getattr(err, "problem", None) or err
         raise UsageError(f"--config {path}{where} is not valid YAML ({reason}): fix the file.") from None
+    except OSError as err:
+        raise UsageError(f"--config {path} cannot be read ({err.strerror or err}).") from None
+    if settings is not None and not isinstance(settings, dict):
+        kind = "plain text" if isinstance(settings, str) else f"a YAML {type(settings).__name__}"
+        raise UsageError(
+            f"--config {path} is not a config: it holds {kind}, not settings "
+            "(sections such as `model:` and `data:`; see --print_config)."
+        )
+    if not path.is_file():
+        # A pipe (`--config <(...)`) can be read once, and that was here: pass on what it said.
+        return text if text.strip() else "{}"
     return str(path)
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -75,3 +77,13 @@ def test_bad_input_is_one_line(run, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2 and len(err) == 1 and message in err[0], err
     assert not (tmp_path / "a.png").exists()
+    # Where the figure cannot go: nothing left behind, no .tmp either.
+    (tmp_path / "folder").mkdir()
+    for out, message in [("", "is not a file name"), (str(tmp_path / "folder"), "is not a file name"),
+                         ("/proc/attention.png", "cannot write /proc/attention.png")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["attention", "--ckpt_path", str(ckpt), "--out", out])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1 and message in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "v1.ckpt"]
+    assert not list((tmp_path / "folder").iterdir()) and not Path("/proc/attention.png.tmp").exists()
