@@ -227,7 +227,7 @@ class Bench:
         last = self.runs / "v7" / "ddp" / "checkpoints" / "last.ckpt"
         shutil.rmtree(self.runs / "v7" / "ddp", ignore_errors=True)
         print(f"  $ {' '.join(first)}  (SIGTERM after {last.name} appears)", flush=True)
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         process = subprocess.Popen(first, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + 300
         while not last.exists() and process.poll() is None and time.monotonic() < deadline:

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import IterableDataset
 
-from nanogpt_pl import resources
+from nanogpt_pl import resources, steps
 from nanogpt_pl.corpus import check_splits, load_corpus
 from nanogpt_pl.errors import UsageError
 from nanogpt_pl.seeds import stream_seed
@@ -221,7 +221,11 @@ class CharDataModule(L.LightningDataModule):
         if device.type != "cuda":
             return device.type != "cpu"
         n_bytes = sum(len(s) for s in self._splits.values()) * _device_dtype(self._splits["train"]).itemsize
-        return n_bytes <= DEVICE_SHARE * torch.cuda.mem_get_info(device)[0]
+        fits = n_bytes <= DEVICE_SHARE * torch.cuda.mem_get_info(device)[0]
+        # One answer for every process (called by each in setup, in the same order): processes that
+        # disagreed would draw with generators of different kinds, whose states (CUDA 16 bytes, CPU
+        # 5056) then could not be gathered into a checkpoint: a hang.
+        return bool(steps.reduce(self.trainer, int(fits), "min")) if self.trainer is not None else fits
 
     def _process(self) -> tuple[int, int]:
         """(global rank, world size) of this process: (0, 1) outside a distributed run."""

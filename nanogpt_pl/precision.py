@@ -9,10 +9,15 @@ question is put here to the capability of the device the trainer will use.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any, Optional
 
 import torch
+from lightning.fabric.accelerators.cuda import num_cuda_devices
 from lightning.pytorch.utilities import rank_zero_info
+
+from nanogpt_pl.errors import UsageError
 
 BF16_CAPABILITY = (8, 0)  # Ampere: the first tensor cores with bf16
 FP16_PRECISIONS = ("16-mixed", "16")  # the precisions Lightning runs with a gradient scaler
@@ -25,7 +30,9 @@ def cuda_device_index(accelerator: Any, devices: Any) -> Optional[int]:
     (``2``, ``"2"``, ``-1``, ``"auto"``), and as device indices when it is a list or a string with a
     comma (``[1]``, ``"1,"``, ``"1,3"``). A machine's GPUs are assumed alike: the first decides.
     """
-    if str(accelerator) not in ("auto", "gpu", "cuda") or not torch.cuda.is_available():
+    # Lightning's count asks NVML where it can and never initializes CUDA here, in the launching
+    # process, so the processes ddp_fork / ddp_notebook fork from it can still use CUDA.
+    if str(accelerator) not in ("auto", "gpu", "cuda") or num_cuda_devices() == 0:
         return None
     if isinstance(devices, str):
         text = devices.strip()
@@ -37,10 +44,30 @@ def cuda_device_index(accelerator: Any, devices: Any) -> Optional[int]:
     return 0
 
 
+def describe_device(index: int) -> tuple[str, tuple[int, int]]:
+    """The name and compute capability of CUDA device ``index``, without initializing CUDA here.
+
+    Asking torch directly would initialize CUDA in the launching process, and every process that
+    ``ddp_fork`` / ``ddp_notebook`` then forks from it fails ("Cannot re-initialize CUDA in forked
+    subprocess"). So unless CUDA is already initialized here, a short-lived child process asks.
+    """
+    if torch.cuda.is_initialized():
+        return torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index)
+    script = (
+        "import torch; i = %d; print(*torch.cuda.get_device_capability(i), torch.cuda.get_device_name(i))" % int(index)
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    if result.returncode:
+        reason = (result.stderr.strip().splitlines() or [f"exit code {result.returncode}"])[-1]
+        raise UsageError(f"cannot read the compute capability of cuda:{index} ({reason}).")
+    major, minor, name = result.stdout.strip().split(" ", 2)
+    return name, (int(major), int(minor))
+
+
 def has_bf16_tensor_cores(index: int) -> bool:
     if torch.version.hip is not None:  # ROCm: torch reports bf16 on the AMD GPUs it supports
         return True
-    return torch.cuda.get_device_capability(index) >= BF16_CAPABILITY
+    return describe_device(index)[1] >= BF16_CAPABILITY
 
 
 def fit_to_device(trainer: Any, model: Any) -> None:
@@ -50,16 +77,18 @@ def fit_to_device(trainer: Any, model: Any) -> None:
     or switched to), Lightning refuses to clip gradients with a fused optimizer, because the fused
     step unscales the gradients itself, after clipping would have seen them scaled: such an
     optimizer runs with ``foreach`` instead, the same update in a few more kernels. One line says
-    each change.
+    each change. The price of that path: the gradient scaler reads its inf/NaN verdict back to the
+    host before every step (to skip a step whose gradients overflowed), one host sync per step that
+    the fused optimizer, which takes the verdict on the device, avoids. Only GPUs without bf16 tensor
+    cores (before Ampere) with clipping on get there; bf16 runs have no scaler at all.
     """
     if str(trainer.precision) == "bf16-mixed":
         index = cuda_device_index(trainer.accelerator, trainer.devices)
         if index is not None and not has_bf16_tensor_cores(index):
-            major, minor = torch.cuda.get_device_capability(index)
+            name, (major, minor) = describe_device(index)
             rank_zero_info(
-                f"precision: {torch.cuda.get_device_name(index)} (cuda:{index}, compute capability "
-                f"{major}.{minor}) has no bf16 tensor cores: training in 16-mixed (fp16 with a gradient "
-                "scaler) instead of the config's bf16-mixed."
+                f"precision: {name} (cuda:{index}, compute capability {major}.{minor}) has no bf16 tensor "
+                "cores: training in 16-mixed (fp16 with a gradient scaler) instead of the config's bf16-mixed."
             )
             trainer.precision = "16-mixed"
     init_args = getattr(getattr(model, "optimizer", None), "init_args", None)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+
 import pytest
 import torch
 from lightning.pytorch.plugins.precision.amp import _optimizer_handles_unscaling
@@ -16,11 +19,23 @@ GPUS = {0: ("NVIDIA A100-SXM4-80GB", (8, 0)), 1: ("Tesla V100-SXM2-16GB", (7, 0)
 
 @pytest.fixture
 def fake_gpus(monkeypatch):
-    """CUDA present with the GPUS above; returns the lines the precision module says."""
+    """CUDA present with the GPUS above, as the child process that reads a device sees them (in this
+    process, asking torch would initialize CUDA: forked DDP processes could not use it then);
+    returns the lines the precision module says."""
+
+    def child(command, **kwargs):
+        index = int(re.search(r"i = (\d+)", command[-1]).group(1))
+        name, (major, minor) = GPUS[index]
+        return subprocess.CompletedProcess(command, 0, stdout=f"{major} {minor} {name}\n", stderr="")
+
+    def initializes_cuda(*args, **kwargs):
+        raise AssertionError("CUDA initialized in the launching process")
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(GPUS))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: GPUS[index][0])
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: GPUS[index][1])
+    monkeypatch.setattr(precision, "num_cuda_devices", lambda: len(GPUS))
+    monkeypatch.setattr(precision.subprocess, "run", child)
+    monkeypatch.setattr(torch.cuda, "get_device_name", initializes_cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", initializes_cuda)
     monkeypatch.setattr(torch.version, "hip", None)
     said: list[str] = []
     monkeypatch.setattr(precision, "rank_zero_info", said.append)
@@ -38,7 +53,7 @@ def test_the_device_index_is_read_as_lightning_reads_devices(fake_gpus, devices,
 
 def test_no_cuda_index_off_cuda(fake_gpus, monkeypatch):
     assert precision.cuda_device_index("cpu", "auto") is None
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(precision, "num_cuda_devices", lambda: 0)
     assert precision.cuda_device_index("auto", "auto") is None
 
 
