@@ -277,9 +277,15 @@ class GPT(nn.Module):
         generator: Optional[torch.Generator] = None,
     ) -> Iterator[torch.Tensor]:
         """``generate``, one step at a time: yields each new token (B, 1) as soon as it is drawn,
-        so a caller can show text while the rest is still being sampled."""
+        so a caller can show text while the rest is still being sampled.
+
+        Only the window the model reads, the last ``block_size`` tokens, is kept: each step costs the
+        same time and memory however long the output already is (the caller keeps the text).
+        """
+        block_size = self.config.block_size
+        idx = idx[:, -block_size:]
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size :])
+            logits, _ = self(idx)
             logits = logits[:, -1, :].float()  # (B, V)
             # Shifted so the largest is 0 before dividing: a tiny temperature then gives -inf for all
             # but the most likely token (greedy), a huge one gives zeros (uniform), never inf - inf = NaN.
@@ -291,7 +297,7 @@ class GPT(nn.Module):
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             probs = F.softmax(logits, dim=-1)
             idx_next = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
-            idx = torch.cat((idx, idx_next), dim=1)
+            idx = torch.cat((idx, idx_next), dim=1)[:, -block_size:]  # (B, min(T + 1, block_size))
             yield idx_next
 
 
