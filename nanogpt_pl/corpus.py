@@ -17,8 +17,9 @@ Knows nothing of Lightning or of training: files in, a memory-mappable array of 
   or replaced file gives a new key and is never served stale. The ctime is what catches an edit
   that keeps the size and puts the old mtime back (``touch -d``, ``os.utime``, some sync tools):
   writing a file, or setting its times, sets its ctime to now, and no user can set it back. The
-  inode and device catch a file swapped for another copy. The key does not hash the content: an
-  edit with the clock set back on a filesystem without ctime would go unseen. The split is not
+  inode and device catch a file swapped for another copy. The key does not hash the content (that
+  would read every byte on every run): an edit made while the system clock is set back, or on a
+  filesystem that fakes ctime (some network or FUSE mounts), can still go unseen. The split is not
   stored (it is a slice of the tokens), so ``train_fraction`` is not part of the key.
 - An entry is built in a temporary folder and renamed into place: it is complete or absent,
   whatever fails (a non-UTF-8 byte, a full disk, a kill). A kill leaves the temporary folder
@@ -31,7 +32,8 @@ Knows nothing of Lightning or of training: files in, a memory-mappable array of 
   is below the vocabulary's size. That last check reads the ids once (``tokens.max()``): about
   7 ms per 100 MB in the page cache (0.07 s per GB), so it runs on every open rather than being
   cached; on a cold cache it costs one sequential read of the file, which training would fault
-  in anyway. It catches wrong ids, not a swap of two valid ones; that is left to the key.
+  in anyway. Ids that are wrong but in range (a flipped bit that names another character) pass;
+  only a checksum, read in full on every run, would catch those.
 - Default cache dir: ``$XDG_CACHE_HOME/nanogpt_pl`` (``~/.cache/nanogpt_pl``), never beside the
   text, which may live inside an installed package.
 """
@@ -163,8 +165,11 @@ def _open(entry: Path) -> Optional[tuple[dict, np.ndarray]]:
         raise _Damaged(f"{TOKENS} has {size} bytes, not {expected}")
     if n_tokens == 0:  # an empty text: nothing to map (mmap refuses an empty file)
         return meta, np.zeros(0, dtype=dtype)
-    with open(entry / TOKENS, "rb") as f:
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        with open(entry / TOKENS, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as err:
+        raise _Damaged(f"{TOKENS} is unreadable: {err.strerror or err}") from None
     tokens = np.frombuffer(mapped, dtype=dtype, count=n_tokens)
     if int(tokens.max()) >= len(vocab):  # read before MADV_RANDOM: one sequential pass, with read-ahead
         raise _Damaged(f"{TOKENS} holds ids beyond the {len(vocab)}-character vocabulary")
