@@ -12,11 +12,28 @@ Knows nothing of Lightning or of training: files in, a memory-mappable array of 
   the order they first appear, written straight to the token file, and one pass over that file at
   the end renumbers them into sorted order.
 - Cache: ``<cache_dir>/<key>/`` with ``tokens.bin`` (raw ids) and ``vocab.json`` (the vocabulary,
-  the id type, the token count, the sources). The key hashes every file's resolved path, size and
-  modification time (ns), so an edited, added or removed file gives a new key and is never served
-  stale; the split is not stored (it is a slice of the tokens), so ``train_fraction`` is not part
-  of the key. An entry is built in a temporary folder and renamed into place: it is complete or
-  absent, whatever fails (a non-UTF-8 byte, a full disk, a kill).
+  the id type, the token count, the sources). The key hashes, for every file, its resolved path,
+  size, modification time and status-change time (ns), inode and device: an edited, added, removed
+  or replaced file gives a new key and is never served stale. The ctime is what catches an edit
+  that keeps the size and puts the old mtime back (``touch -d``, ``os.utime``, some sync tools):
+  writing a file, or setting its times, sets its ctime to now, and no user can set it back. The
+  inode and device catch a file swapped for another copy. The key does not hash the content (that
+  would read every byte on every run): an edit made while the system clock is set back, or on a
+  filesystem that fakes ctime (some network or FUSE mounts), can still go unseen. The split is not
+  stored (it is a slice of the tokens), so ``train_fraction`` is not part of the key.
+- An entry is built in a temporary folder and renamed into place: it is complete or absent,
+  whatever fails (a non-UTF-8 byte, a full disk, a kill). A kill leaves the temporary folder
+  behind; the next builder of that key removes it (builders hold the key's lock, so no live
+  builder owns it). The entry gets the mode ``0o777 & ~umask`` (not ``mkdtemp``'s 0700), so a
+  cache dir shared between users serves all of them.
+- Every open checks the entry, so a damaged one (a disk error, a copy cut short, a hand edit) is
+  rebuilt with one note on stderr instead of a traceback deep in training: ``vocab.json`` parses
+  and has every field with its type, ``tokens.bin`` holds exactly ``n_tokens`` ids, and every id
+  is below the vocabulary's size. That last check reads the ids once (``tokens.max()``): about
+  7 ms per 100 MB in the page cache (0.07 s per GB), so it runs on every open rather than being
+  cached; on a cold cache it costs one sequential read of the file, which training would fault
+  in anyway. Ids that are wrong but in range (a flipped bit that names another character) pass;
+  only a checksum, read in full on every run, would catch those.
 - Default cache dir: ``$XDG_CACHE_HOME/nanogpt_pl`` (``~/.cache/nanogpt_pl``), never beside the
   text, which may live inside an installed package.
 """
@@ -29,6 +46,7 @@ import json
 import mmap
 import os
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -82,32 +100,100 @@ def corpus_files(data_path: str | os.PathLike) -> list[Path]:
 
 
 def cache_key(files: list[Path]) -> str:
-    """Changes whenever any file's content may have changed (path, size, mtime in ns)."""
-    sources = [(str(p.resolve()), (s := p.stat()).st_size, s.st_mtime_ns) for p in files]
+    """Changes whenever any file's content may have changed: see the module docstring for what it covers."""
+    sources = []
+    for p in files:
+        s = p.stat()
+        sources.append((str(p.resolve()), s.st_size, s.st_mtime_ns, s.st_ctime_ns, s.st_ino, s.st_dev))
     return hashlib.sha256(json.dumps([FORMAT, sources]).encode()).hexdigest()[:32]
 
 
 def load_corpus(data_path: str | os.PathLike, cache_dir: Optional[str | os.PathLike] = None) -> Corpus:
-    """The corpus of ``data_path``, from the cache; built there first if it is missing."""
+    """The corpus of ``data_path``, from the cache; built there first if it is missing or damaged."""
     path = Path(data_path)
     files = corpus_files(path)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     entry = root / cache_key(files)
-    if not (entry / VOCAB).is_file():
+    try:
+        opened = _open(entry)
+    except _Damaged:
+        opened = None  # repaired below, under the lock, once no other process is at it
+    if opened is None:
         with _writable(root), _build_lock(root, entry.name):
-            if not (entry / VOCAB).is_file():  # another process may have built it while we waited
+            _remove_leftovers(root, entry.name)
+            try:
+                opened = _open(entry)  # another process may have built it while we waited
+            except _Damaged as why:
+                print(f"note: the token cache entry {entry} is damaged ({why}); rebuilding it.", file=sys.stderr)
+                shutil.rmtree(entry)
+            if opened is None:
                 _build(path, files, entry)
-    meta = json.loads((entry / VOCAB).read_text(encoding="utf-8"))
+                opened = _open(entry)
+    meta, tokens = opened
     if meta["n_tokens"] == 0:
         what = "data folder" if path.is_dir() else "data file"
         raise UsageError(f"{what} {path} is empty; point data.data_path to a text to train on.")
-    with open(entry / TOKENS, "rb") as f:
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    return Corpus(meta["vocab"], tokens, path)
+
+
+class _Damaged(Exception):
+    """An entry that exists but cannot be trusted; its message says why, for the note."""
+
+
+def _open(entry: Path) -> Optional[tuple[dict, np.ndarray]]:
+    """The entry's metadata and memory-mapped ids; None if there is no entry; ``_Damaged`` if it is wrong."""
+    if not entry.exists():
+        return None
+    try:
+        meta = json.loads((entry / VOCAB).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise _Damaged(f"{VOCAB} is missing") from None
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise _Damaged(f"{VOCAB} is unreadable: {err}") from None
+    fields = {"vocab": str, "dtype": str, "n_tokens": int, "sources": list}
+    if not isinstance(meta, dict) or any(type(meta.get(k)) is not t for k, t in fields.items()):
+        raise _Damaged(f"{VOCAB} lacks one of {', '.join(fields)} or has the wrong type")
+    vocab, dtype, n_tokens = meta["vocab"], meta["dtype"], meta["n_tokens"]
+    if dtype not in [np.dtype(t).name for t in ID_TYPES] or n_tokens < 0 or list(vocab) != sorted(set(vocab)):
+        raise _Damaged(f"{VOCAB} has an unknown id type, a negative count or an unsorted vocabulary")
+    expected = n_tokens * np.dtype(dtype).itemsize
+    try:
+        size = (entry / TOKENS).stat().st_size
+    except FileNotFoundError:
+        raise _Damaged(f"{TOKENS} is missing") from None
+    if size != expected:
+        raise _Damaged(f"{TOKENS} has {size} bytes, not {expected}")
+    if n_tokens == 0:  # an empty text: nothing to map (mmap refuses an empty file)
+        return meta, np.zeros(0, dtype=dtype)
+    try:
+        with open(entry / TOKENS, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as err:
+        raise _Damaged(f"{TOKENS} is unreadable: {err.strerror or err}") from None
+    tokens = np.frombuffer(mapped, dtype=dtype, count=n_tokens)
+    if int(tokens.max()) >= len(vocab):  # read before MADV_RANDOM: one sequential pass, with read-ahead
+        raise _Damaged(f"{TOKENS} holds ids beyond the {len(vocab)}-character vocabulary")
     if hasattr(mmap, "MADV_RANDOM"):
         # Blocks are read at random offsets: without this, each fault on a corpus that is not in
         # the page cache reads ahead (8 MB on some disks) far more than the block it needs.
         mapped.madvise(mmap.MADV_RANDOM)
-    return Corpus(meta["vocab"], np.frombuffer(mapped, dtype=meta["dtype"], count=meta["n_tokens"]), path)
+    return meta, tokens
+
+
+def _remove_leftovers(root: Path, key: str) -> None:
+    """The temporary folders that killed builds of ``key`` left; the caller holds the key's lock."""
+    if fcntl is None:  # no lock, so a leftover may be a live builder's: leave them all
+        return
+    for leftover in root.glob(f".{key}.*"):
+        if leftover.is_dir():  # not the lock file
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _umask() -> int:
+    """The process's umask: the only way to read it is to set it, so set it straight back."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextmanager
@@ -157,6 +243,7 @@ def _build(path: Path, files: list[Path], entry: Path) -> None:
             json.dump(meta, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would shut other users out of a shared cache
         try:
             os.rename(tmp, entry)  # atomic; fails if another process has just put its own entry there
         except OSError:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
+import stat
+import time
 
 import numpy as np
 import pytest
@@ -81,6 +84,90 @@ def test_an_edited_text_is_never_served_stale(tmp_path):
 def entries(cache) -> list:
     """What the cache holds besides its lock files."""
     return sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock")) if cache.exists() else []
+
+
+def test_an_edit_that_keeps_size_and_mtime_gives_a_new_key(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("abcabc" * 10)
+    before, key = path.stat(), corpus.cache_key([path])
+    time.sleep(0.05)  # past the kernel's coarse clock tick, as any real edit is
+    path.write_text("xyzxyz" * 10)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # size and mtime as they were
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert corpus.cache_key([path]) != key
+    assert load_corpus(path, tmp_path / "cache").chars == "xyz"
+
+
+def tokens_of(entry):
+    return entry / corpus.TOKENS
+
+
+def vocab_of(entry):
+    return entry / corpus.VOCAB
+
+
+DAMAGE = {
+    "truncated tokens.bin": (lambda e: tokens_of(e).write_bytes(tokens_of(e).read_bytes()[:-7]),
+                             "tokens.bin has"),
+    "zero-byte tokens.bin": (lambda e: tokens_of(e).write_bytes(b""), "tokens.bin has 0 bytes"),
+    "random tokens.bin of the right size": (
+        lambda e: np.random.default_rng(0).integers(0, 256, tokens_of(e).stat().st_size, dtype=np.uint8)
+        .tofile(tokens_of(e)), "ids beyond"),
+    "missing tokens.bin": (lambda e: tokens_of(e).unlink(), "tokens.bin is missing"),
+    "missing vocab.json": (lambda e: vocab_of(e).unlink(), "vocab.json is missing"),
+    "corrupt vocab.json": (lambda e: vocab_of(e).write_text('{"vocab": "abc", "dty'), "vocab.json is unreadable"),
+    "vocab.json without a field": (
+        lambda e: vocab_of(e).write_text(json.dumps({k: v for k, v in json.loads(vocab_of(e).read_text()).items()
+                                                     if k != "dtype"})), "lacks one of"),
+    "vocab.json with a shorter vocabulary": (
+        lambda e: vocab_of(e).write_text(json.dumps({**json.loads(vocab_of(e).read_text()), "vocab": "\n "})),
+        "ids beyond the 2-character vocabulary"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_entry_is_rebuilt_with_one_note(damage, tmp_path, capsys):
+    path, cache = tmp_path / "t.txt", tmp_path / "cache"
+    path.write_text("hello world, said the cache\n" * 40)
+    fresh = load_corpus(path, tmp_path / "fresh")
+    load_corpus(path, cache)
+    entry = cache / corpus.cache_key([path])
+    damage_it, why = DAMAGE[damage]
+    damage_it(entry)
+    capsys.readouterr()
+    repaired = load_corpus(path, cache)
+    err = capsys.readouterr().err
+    assert err.startswith(f"note: the token cache entry {entry} is damaged (") and why in err, err
+    assert err.endswith("; rebuilding it.\n") and err.count("\n") == 1, err
+    assert repaired.chars == fresh.chars and np.array_equal(repaired.tokens, fresh.tokens)
+    assert entries(cache) == [entry.name]
+    load_corpus(path, cache)  # healthy again: opened without a note
+    assert capsys.readouterr().err == ""
+
+
+def test_a_killed_builds_temporary_folder_is_removed(tmp_path):
+    path, cache = tmp_path / "t.txt", tmp_path / "cache"
+    path.write_text("abc" * 20)
+    key = corpus.cache_key([path])
+    leftover = cache / f".{key}.k1ll3d00"  # as tempfile.mkdtemp names them
+    leftover.mkdir(parents=True)
+    (leftover / corpus.TOKENS).write_bytes(b"\0" * 10)
+    other = cache / ".0123456789abcdef0123456789abcdef.a1b2c3d4"  # another key's: not ours to judge
+    other.mkdir()
+    assert load_corpus(path, cache).chars == "abc"
+    assert entries(cache) == [other.name, key]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o755), (0o002, 0o775), (0o077, 0o700)], ids=["022", "002", "077"])
+def test_the_entry_mode_follows_the_umask(umask, mode, tmp_path):
+    path, cache = tmp_path / "t.txt", tmp_path / "cache"
+    path.write_text("abc" * 20)
+    old = os.umask(umask)
+    try:
+        load_corpus(path, cache)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((cache / corpus.cache_key([path])).stat().st_mode) == mode
 
 
 def test_a_bad_byte_deep_inside_is_named_and_leaves_no_cache(tmp_path, monkeypatch):
