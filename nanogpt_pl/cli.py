@@ -287,6 +287,7 @@ COMMANDS: dict[str, str] = {
     "attention": "nanogpt_pl.attention:attention",
     "reproduce": "nanogpt_pl.reproduce:reproduce",
     "configs": "nanogpt_pl.catalog:configs",
+    "cache": "nanogpt_pl.cache_command:cache",
 }
 
 

@@ -119,7 +119,7 @@ def load_corpus(data_path: str | os.PathLike, cache_dir: Optional[str | os.PathL
     except _Damaged:
         opened = None  # repaired below, under the lock, once no other process is at it
     if opened is None:
-        with _writable(root), _build_lock(root, entry.name):
+        with _writable(root), build_lock(root, entry.name):
             _remove_leftovers(root, entry.name)
             try:
                 opened = _open(entry)  # another process may have built it while we waited
@@ -210,7 +210,7 @@ def _writable(root: Path) -> Iterator[None]:
 
 
 @contextmanager
-def _build_lock(root: Path, key: str) -> Iterator[None]:
+def build_lock(root: Path, key: str) -> Iterator[None]:
     """One builder per entry: other processes (runs started at once, or torchrun's ranks) wait for it."""
     if fcntl is None:
         yield

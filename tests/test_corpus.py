@@ -255,3 +255,29 @@ def test_a_stream_saved_on_another_kind_of_device_restarts_with_a_warning(small_
     with pytest.warns(UserWarning, match="'train' sampling stream was drawn on another kind of device"):
         dm.load_state_dict({"vocab": dm.tokenizer.chars, "generators": cuda_like})
     assert torch.equal(dm._generators["train"].get_state(), fresh)
+
+
+def test_the_cache_command_lists_prunes_the_stale_and_clears(tmp_path, capsys):
+    from nanogpt_pl.cli import main
+
+    cache_dir = tmp_path / "cache"
+    kept, edited = tmp_path / "kept.txt", tmp_path / "edited.txt"
+    kept.write_text("to be or not to be\n" * 50)
+    edited.write_text("all the world's a stage\n" * 50)
+    load_corpus(kept, cache_dir)
+    load_corpus(edited, cache_dir)
+    edited.write_text("all the world's a stage, and all the men and women merely players\n" * 50)
+    load_corpus(edited, cache_dir)  # a new entry; the old one can never be opened again
+    main(["cache", "--cache_dir", str(cache_dir)])
+    lines = capsys.readouterr().out.splitlines()
+    assert sum("stale" in line for line in lines) == 1 and sum("current" in line for line in lines) == 2, lines
+    assert "3 entries" in lines[-1]
+    main(["cache", "--cache_dir", str(cache_dir), "--prune", "true"])
+    assert "removed" in capsys.readouterr().out
+    assert len([p for p in cache_dir.iterdir() if not p.name.startswith(".")]) == 2
+    assert load_corpus(edited, cache_dir).chars == "".join(sorted(set(edited.read_text())))  # current ones stay
+    main(["cache", "--cache_dir", str(cache_dir), "--clear", "true"])
+    capsys.readouterr()
+    assert list(cache_dir.iterdir()) == []
+    main(["cache", "--cache_dir", str(cache_dir)])
+    assert "empty" in capsys.readouterr().out
