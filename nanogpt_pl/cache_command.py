@@ -9,12 +9,15 @@ can reach it; ``--prune`` removes those, ``--clear`` every entry.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Optional
 
 from nanogpt_pl.corpus import VOCAB, build_lock, cache_key, default_cache_dir
 from nanogpt_pl.errors import UsageError
+
+_ENTRY = re.compile(r"[0-9a-f]{32}")  # an entry's name: its key (corpus.cache_key)
 
 
 def cache(*, cache_dir: Optional[str] = None, prune: bool = False, clear: bool = False) -> None:
@@ -28,7 +31,8 @@ def cache(*, cache_dir: Optional[str] = None, prune: bool = False, clear: bool =
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if root.exists() and not root.is_dir():
         raise UsageError(f"--cache_dir {root} is a file, not the cache folder.")
-    entries = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
+    # Only folders named as entries are: a --cache_dir pointed at the wrong folder loses nothing else.
+    entries = sorted(p for p in root.iterdir() if p.is_dir() and _ENTRY.fullmatch(p.name)) if root.is_dir() else []
     if not entries:
         print(f"token cache {root}: empty")
         return

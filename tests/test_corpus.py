@@ -276,8 +276,9 @@ def test_the_cache_command_lists_prunes_the_stale_and_clears(tmp_path, capsys):
     assert "removed" in capsys.readouterr().out
     assert len([p for p in cache_dir.iterdir() if not p.name.startswith(".")]) == 2
     assert load_corpus(edited, cache_dir).chars == "".join(sorted(set(edited.read_text())))  # current ones stay
+    (cache_dir / "notes").mkdir()  # not an entry: never touched
     main(["cache", "--cache_dir", str(cache_dir), "--clear", "true"])
     capsys.readouterr()
-    assert list(cache_dir.iterdir()) == []
+    assert [p.name for p in cache_dir.iterdir()] == ["notes"]
     main(["cache", "--cache_dir", str(cache_dir)])
     assert "empty" in capsys.readouterr().out
