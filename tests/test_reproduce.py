@@ -137,3 +137,18 @@ def test_v7_cpu_schedule_steps_once_per_optimizer_step(tmp_path):
     assert trainer.global_step == 4
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(reference.get_last_lr()[0])
     assert trainer.optimizers[0].param_groups[0]["lr"] > 1e-4  # warming up from 1e-4 towards 1e-3
+
+
+def test_a_stopped_reproduction_says_what_its_rerun_does(tmp_path, capsys, monkeypatch):
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    def stopped(args):  # fit, stopped by Ctrl-C after writing its checkpoint
+        raise SIGTERMException
+
+    monkeypatch.setattr("nanogpt_pl.reproduce.cli", stopped)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["reproduce", "--out", str(tmp_path), "--configs", str(REPO / "configs"), "--versions", "v2",
+              "--seeds", "7"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1
+    assert "a rerun of reproduce trains that run again from step 0" in err and "seed7" in err, err
