@@ -5,23 +5,34 @@ GPU time is short: this script is meant to be the one command run on a borrowed 
 cannot rot between GPU runs.
 
 Install on a GPU machine that already has torch, lightning, torchmetrics and tensorboard, without
-replacing them: carry the project and jsonargparse with its ``[signatures]`` extras as wheels
-(made on any machine with ``pip download --no-deps -d wheels jsonargparse docstring-parser
-typeshed-client typing-extensions``, plus ``pip wheel --no-deps -w wheels .`` in the repository), then::
+replacing them: ``benchmarks/gpu_bundle.sh`` builds, on any machine with pip, the wheels it lacks
+(jsonargparse with its ``[signatures]`` extras, and this project) and prints the two commands::
 
-    pip install --no-deps wheels/*.whl        # or: pip install --no-deps -e . plus the three wheels
-    python benchmarks/gpu.py                  # every part, into docs/gpu/<device>.json and .md
+    python -m pip install --no-deps --target .gpu_site gpu_bundle/*.whl
+    PYTHONPATH=$PWD/.gpu_site python benchmarks/gpu.py --out $OUT
+
+Other ways to run it::
+
+    python benchmarks/gpu.py --out $OUT       # every part; the summary into $OUT (default docs/gpu/)
     python benchmarks/gpu.py --only v7,generate --out /tmp/gpu
     python benchmarks/gpu.py --smoke          # the same parts on a CPU, tiny, into a temporary folder
 
-Parts (``--only`` takes their names), each in its own processes; a failing part is reported with
-its return code and the others still run:
+Only the summary goes to ``--out``, rewritten after every part so that a machine taken back mid-run
+still leaves every figure measured until then: ``<device>.json`` and ``.md``, v7's ``results.json``
+record and the profiler's table (``OUTPUT_LIMITS``: at most 8 files of 16 MiB, no sub-folders; the
+script checks them and fails if they are exceeded). The runs (checkpoints, event files) go to a
+temporary folder, whose path is printed.
+
+Parts (``--only`` takes their names), each in its own processes and under its own time cap
+(``CAPS``, 7 minutes in all): a failing part is reported with its return code, a part over its cap
+as ``over_cap``, and the others still run:
 
 - ``cuda_tests``: the CUDA-only tests (``pytest -m cuda tests/``; pytest must be installed).
 - ``v7``: the full v7 run through ``reproduce`` (so v7 trains once and its record lands in
   ``<out>/reproduction/results.json`` like every other version's): wall time, final estimates,
   tokens/s and MFU from its TensorBoard scalars, peak GPU memory.
-- ``v7_compile``: the same with ``--model.compile true``.
+- ``v7_compile``: ``--model.compile true`` for ``COMPILE_STEPS`` steps (compile time and
+  compiled throughput, not a final loss).
 - ``small``: v2 and v6 full runs through ``reproduce``, wall time against the CPU's in
   docs/reproduction/results.json (the same measure: ``fit`` called to its last estimate).
 - ``generate``: 500 characters from the v7 checkpoint.
@@ -58,11 +69,22 @@ from nanogpt_pl.reproduce import device_name, read_scalars  # noqa: E402
 
 CPU_RECORDS = REPO / "docs" / "reproduction" / "results.json"
 PARTS = ["cuda_tests", "v7", "v7_compile", "small", "generate", "ddp", "profile"]
+# Seconds each part may take, process start-up included; 420 in all, so a 15-minute GPU window
+# keeps room for the machine's start and the install. A part over its cap is stopped and recorded.
+CAPS = {"cuda_tests": 30, "v7": 210, "v7_compile": 60, "small": 45, "generate": 15, "ddp": 35, "profile": 25}
+COMPILE_STEPS = 300
+# What may come back from a GPU machine's output folder: files, bytes per file, folder depth.
+OUTPUT_LIMITS = {"files": 8, "bytes": 16 * 2**20, "depth": 1}
+SMOKE_CAP = 240  # --smoke, per part: a busy CPU's process start-ups, not the GPU's budget
 # --smoke: v7 and the runs derived from it shrunk to a few milliseconds a step on a CPU.
 SMOKE_MODEL = {"n_embd": 32, "n_head": 2, "n_layer": 1}
 SMOKE_DATA = {"block_size": 16, "batch_size": 8, "eval_iters": 2}
 SMOKE_TRAINER = {"max_steps": 4, "val_check_interval": 2, "accelerator": "cpu", "precision": "32-true"}
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+class OverCap(Exception):
+    """A part ran past its time cap and was stopped."""
 
 
 class Failed(Exception):
@@ -105,10 +127,11 @@ class MemorySampler:
 class Bench:
     """The parts, sharing the output folder, the smoke switch and the v7 run's checkpoint."""
 
-    def __init__(self, out: Path, smoke: bool) -> None:
-        self.out, self.smoke = out, smoke
-        self.runs = out / "runs"
+    def __init__(self, work: Path, out: Path, smoke: bool) -> None:
+        self.work, self.out, self.smoke = work, out, smoke
+        self.runs = work / "runs"
         self.configs = self._configs()
+        self.deadline = float("inf")  # of the part running now (time.monotonic)
 
     # -- helpers --------------------------------------------------------------------------------
     def _configs(self) -> Path:
@@ -116,7 +139,7 @@ class Bench:
         'device: gpu' header dropped so that reproduce accepts it on a CPU."""
         if not self.smoke:
             return REPO / "configs"
-        folder = self.out / "smoke_configs"
+        folder = self.work / "smoke_configs"
         folder.mkdir(parents=True, exist_ok=True)
         for name in ("v2", "v6", "v7"):
             config = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text(encoding="utf-8"))
@@ -128,12 +151,23 @@ class Bench:
             (folder / f"{name}.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
         return folder
 
-    def run(self, command: list[str], timeout: float = 600) -> tuple[subprocess.CompletedProcess, float]:
-        """Run one command from the repository root; the finished process and its wall seconds, or Failed."""
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    def left(self) -> float:
+        """Seconds left of the running part's cap; OverCap once there are none."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise OverCap
+        return left
+
+    def run(self, command: list[str]) -> tuple[subprocess.CompletedProcess, float]:
+        """Run one command from the repository root, within the part's cap; the finished process and
+        its wall seconds, or Failed / OverCap."""
         print(f"  $ {' '.join(command)}", flush=True)
         start = time.perf_counter()
-        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        try:
+            done = subprocess.run(command, cwd=REPO, env=child_env(), capture_output=True, text=True,
+                                  timeout=self.left())
+        except subprocess.TimeoutExpired:
+            raise OverCap from None
         seconds = time.perf_counter() - start
         if done.returncode:
             raise Failed(command, done.returncode, (done.stdout + done.stderr)[-3000:])
@@ -167,12 +201,13 @@ class Bench:
         return {"command": self.shown(command), "seconds": round(seconds, 1), "summary": done.stdout.strip().splitlines()[-1]}
 
     def v7(self) -> dict:
-        out = self.out / "reproduction"
+        out = self.work / "reproduction"
         command = [sys.executable, "-m", "nanogpt_pl", "reproduce", "--versions", "v7", "--seeds", "1337",
                    "--out", str(out), "--configs", str(self.configs)]
         with MemorySampler() as memory:
             _, seconds = self.run(command)
         record = json.loads((out / "results.json").read_text(encoding="utf-8"))["v7"]
+        (self.out / "results.json").write_text(json.dumps({"v7": record}, indent=2) + "\n", encoding="utf-8")
         return {"command": self.shown(command), "process_seconds": round(seconds, 1), "wall_s": record["wall_s"],
                 "steps": record["steps"], **self.speed(out / "runs" / "v7" / "seed1337"),
                 "peak_memory_mib": memory.peak_mib, "target": record["target"]}
@@ -181,7 +216,8 @@ class Bench:
         if self.smoke:
             return {"status": "skipped", "reason": "smoke: inductor's compile alone takes over a minute on a "
                     "CPU; tests/test_compile.py covers --model.compile on a CPU"}
-        command = self.fit("v7", "v7_compile", "--model.compile", "true")
+        command = self.fit("v7", "v7_compile", "--model.compile", "true", "--trainer.max_steps", str(COMPILE_STEPS),
+                           "--trainer.val_check_interval", str(COMPILE_STEPS), "--data.eval_iters", "20")
         with MemorySampler() as memory:
             _, seconds = self.run(command)
         return {"command": self.shown(command), "process_seconds": round(seconds, 1),
@@ -190,7 +226,7 @@ class Bench:
     def small(self) -> dict:
         """Through reproduce, as the CPU's records were made: the same wall-time measure on both."""
         cpu = json.loads(CPU_RECORDS.read_text(encoding="utf-8"))
-        out = self.out / "reproduction"
+        out = self.work / "reproduction"
         command = [sys.executable, "-m", "nanogpt_pl", "reproduce", "--versions", "v2,v6", "--seeds", "1337",
                    "--out", str(out), "--configs", str(self.configs)]
         _, seconds = self.run(command)
@@ -204,7 +240,7 @@ class Bench:
         return result
 
     def _v7_checkpoint(self) -> Path:
-        found = sorted((self.out / "reproduction" / "runs" / "v7" / "seed1337").glob("checkpoints/last*.ckpt"))
+        found = sorted((self.work / "reproduction" / "runs" / "v7" / "seed1337").glob("checkpoints/last*.ckpt"))
         if not found:
             raise FileNotFoundError("no v7 checkpoint: run the v7 part first (--only v7,generate)")
         return found[-1]
@@ -227,15 +263,20 @@ class Bench:
         last = self.runs / "v7" / "ddp" / "checkpoints" / "last.ckpt"
         shutil.rmtree(self.runs / "v7" / "ddp", ignore_errors=True)
         print(f"  $ {' '.join(first)}  (SIGTERM after {last.name} appears)", flush=True)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-        process = subprocess.Popen(first, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 300
-        while not last.exists() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        signalled = process.poll() is None
-        if signalled:
-            process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=300)
+        process = subprocess.Popen(first, cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+        try:
+            while not last.exists() and process.poll() is None:
+                self.left()
+                time.sleep(0.05)
+            signalled = process.poll() is None
+            if signalled:
+                process.send_signal(signal.SIGTERM)
+            output, _ = process.communicate(timeout=self.left())
+        except (OverCap, subprocess.TimeoutExpired):
+            process.kill()
+            process.communicate()
+            raise OverCap from None
         if not signalled or process.returncode != 1:  # main exits 1 after a SIGTERM stop
             raise Failed(first, process.returncode, "the run was not stopped by SIGTERM as planned\n" + output[-3000:])
         stopped_at = max(step for step, _ in read_scalars(last.parent.parent)["train/loss"])
@@ -253,9 +294,28 @@ class Bench:
         done, seconds = self.run(command)
         result = json.loads(done.stdout.strip().splitlines()[-1])
         table = done.stderr[done.stderr.find("---"):].strip()  # the profiler's table follows any warnings
+        (self.out / "profile.txt").write_text(table + "\n", encoding="utf-8")
         return {"command": self.shown(command), "process_seconds": round(seconds, 1),
                 "step_seconds": result["step_seconds"], "tokens_per_second": result["tokens_per_second"],
                 "table": table}
+
+
+def child_env() -> dict:
+    """The environment of every command a part runs: this checkout first on PYTHONPATH, before what
+    was there (wheels installed with ``pip install --target DIR`` are found through PYTHONPATH)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+
+
+def check_output_limits(out: Path) -> list[str]:
+    """What in ``out`` would not come back from a GPU machine (``OUTPUT_LIMITS``); empty when all would."""
+    files = [p for p in out.rglob("*") if p.is_file()]
+    problems = [f"{len(files)} files (at most {OUTPUT_LIMITS['files']})"] if len(files) > OUTPUT_LIMITS["files"] else []
+    for path in files:
+        if path.stat().st_size > OUTPUT_LIMITS["bytes"]:
+            problems.append(f"{path.name}: {path.stat().st_size:,} bytes (at most {OUTPUT_LIMITS['bytes']:,})")
+        if len(path.relative_to(out).parts) > OUTPUT_LIMITS["depth"]:
+            problems.append(f"{path.relative_to(out)}: in a sub-folder")
+    return problems
 
 
 def device_info() -> dict:
@@ -288,6 +348,9 @@ def write_markdown(record: dict, path: Path) -> None:
         lines.append(f"## {name}: {part['status']}")
         if part["status"] == "skipped":
             lines += ["", f"skipped: {part['reason']}", ""]
+            continue
+        if part["status"] == "over_cap":
+            lines += ["", f"stopped at its cap of {part['cap_s']} s", ""]
             continue
         if part["status"] == "failed":
             lines += ["", f"failed with exit code {part['returncode']}: `{part['command']}`", "", "```",
@@ -322,22 +385,29 @@ def main() -> None:
         sys.exit(2)
     out = args.out or (Path(tempfile.mkdtemp(prefix="gpu-smoke-")) if args.smoke else REPO / "docs" / "gpu")
     out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="gpu-runs-"))
     info = device_info()
     for key, value in info.items():
         print(f"{key}: {value}")
-    bench = Bench(out, args.smoke)
+    print(f"runs: {work}; summary: {out}")
+    bench = Bench(work, out, args.smoke)
     command = "python benchmarks/gpu.py" + (" --smoke" if args.smoke else "") + (
         f" --only {','.join(chosen)}" if chosen != PARTS else "")
+    stem = out / (slug(info["device"]) + ("-smoke" if args.smoke else ""))
     parts = {}
     for name in chosen:
         print(f"[{name}]", flush=True)
         start = time.perf_counter()
+        cap = SMOKE_CAP if args.smoke else CAPS[name]
+        bench.deadline = time.monotonic() + cap
         try:
             result = getattr(bench, name)()
             if result.get("status") == "skipped":
                 parts[name] = {"status": "skipped", "reason": result["reason"]}
             else:
                 parts[name] = {"status": "ok", "result": result}
+        except OverCap:
+            parts[name] = {"status": "over_cap", "cap_s": cap}
         except Failed as err:
             parts[name] = {"status": "failed", "returncode": err.returncode, "command": bench.shown(err.command),
                            "output": err.output}
@@ -348,14 +418,18 @@ def main() -> None:
         state = parts[name]["status"]
         extra = parts[name].get("reason") or (f"exit code {parts[name]['returncode']}" if state == "failed" else "")
         print(f"[{name}] {state}{': ' + extra if extra else ''} ({parts[name]['part_seconds']} s)", flush=True)
-    record = {**info, "smoke": args.smoke, "command": command, "parts": parts}
-    stem = out / (slug(info["device"]) + ("-smoke" if args.smoke else ""))
-    stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    write_markdown(record, stem.with_suffix(".md"))
+        # After every part: a machine taken back in the middle still leaves what was measured.
+        record = {**info, "smoke": args.smoke, "command": command, "caps_s": CAPS, "parts": parts}
+        stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        write_markdown(record, stem.with_suffix(".md"))
     print(f"results: {stem.with_suffix('.json')}, {stem.with_suffix('.md')}")
-    failed = [name for name, part in parts.items() if part["status"] == "failed"]
+    problems = check_output_limits(out)
+    if problems:
+        print(f"error: {out} holds what would not come back from a GPU machine: {'; '.join(problems)}", file=sys.stderr)
+        sys.exit(1)
+    failed = [name for name, part in parts.items() if part["status"] != "ok" and part["status"] != "skipped"]
     if failed:
-        print(f"failed parts: {', '.join(failed)}", file=sys.stderr)
+        print(f"failed or over their cap: {', '.join(failed)}", file=sys.stderr)
         sys.exit(1)
 
 
