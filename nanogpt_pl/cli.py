@@ -80,7 +80,7 @@ class GPTCLI(LightningCLI):
         )
 
     def parse_arguments(self, parser, args) -> None:
-        """Check the model's sizes right after parsing, before seeding, building or writing anything.
+        """Check the model's sizes and the seed right after parsing, before seeding, building or writing anything.
 
         ``--config v7`` names a shipped config unless a file of that name is here: the names are
         resolved before jsonargparse reads the files.
@@ -238,11 +238,10 @@ class GPTCLI(LightningCLI):
                 raise ValueError(f"trainer.val_check_interval must be positive, got {interval}")
             if self.datamodule is not None:
                 self.datamodule.check_processes(self.trainer.world_size)
-        except (MisconfigurationException, ValueError) as err:
+        except BaseException as err:
             self._release_run_folders()
-            raise UsageError(f"invalid configuration: {str(err).splitlines()[0]} (see --help).") from None
-        except BaseException:
-            self._release_run_folders()
+            if isinstance(err, (MisconfigurationException, ValueError)):
+                raise UsageError(f"invalid configuration: {str(err).splitlines()[0]} (see --help).") from None
             raise
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
