@@ -20,7 +20,7 @@ from nanogpt_pl.errors import UsageError
 from nanogpt_pl.model import GPTConfig
 
 # GPTConfig fields that change no parameter's shape: the command line's values win over the checkpoint's.
-FREE_FIELDS = ("dropout", "attn_scale", "init")
+FREE_FIELDS = ("dropout", "attn_scale", "init", "activation", "qk_norm", "zero_init_proj")
 
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 

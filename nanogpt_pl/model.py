@@ -50,6 +50,19 @@ class GPTConfig:
     """Attention scores scaled by n_embd**-0.5 (as the lecture ran) or head_size**-0.5 (the later fix)."""
     init: Literal["default", "normal"] = "default"
     """PyTorch's default init (as the lecture ran) or normal(0, 0.02) weights with zero biases."""
+    # After the lecture: the changes small GPTs adopted since, each off by default (configs/v8_cpu.yaml).
+    positions: Literal["learned", "rope"] = "learned"
+    """Positions from a learned table added to the tokens (the lecture) or rotary embeddings of queries and keys (RoPE)."""
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    """The normalization layer_norm inserts: LayerNorm (the lecture) or RMSNorm (no mean subtracted, no bias)."""
+    activation: Literal["relu", "gelu", "relu2"] = "relu"
+    """The feed-forward network's non-linearity: ReLU (the lecture), GELU (GPT-2) or squared ReLU."""
+    qk_norm: bool = False
+    """Queries and keys RMS-normalized per head before their dot products, which bounds the attention logits."""
+    zero_init_proj: bool = False
+    """Output projections of attention and feed-forward start at zero, so every block starts as the identity."""
+    tie_weights: bool = False
+    """lm_head shares the token embedding's weights (GPT-2); the lecture has a separate lm_head."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_embd", "n_head", "n_layer", "ffn_mult"):
@@ -67,6 +80,16 @@ class GPTConfig:
             raise UsageError(f"head_size must be a positive integer, got {self.head_size}.")
         if self.bigram:
             return
+        if self.positions == "rope" and self.head_dim % 2:
+            raise UsageError(
+                f"positions: rope rotates pairs of a head's channels and needs an even head size, got {self.head_dim}."
+            )
+        if self.zero_init_proj and not self.residual:
+            raise UsageError("zero_init_proj needs residual: true (only residual blocks have output projections).")
+        if self.tie_weights and not (self.residual or self.ffn):
+            raise UsageError(
+                "tie_weights needs lm_head's input to be n_embd wide: turn on residual or ffn."
+            )
         if self.attn_width != self.n_embd and (
             self.residual or self.ffn or self.layer_norm or self.n_layer > 1
         ):
@@ -102,6 +125,7 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.n_head, self.head_size = config.n_head, config.head_dim
+        self.rope, self.qk_norm = config.positions == "rope", config.qk_norm
         self.qkv = nn.Linear(config.n_embd, 3 * config.attn_width, bias=config.bias)
         # The lecture's Head computes C**-0.5 with C the input width (n_embd); later code uses head_size.
         self.scale = (config.n_embd if config.attn_scale == "n_embd" else config.head_dim) ** -0.5
@@ -119,6 +143,11 @@ class MultiHeadAttention(nn.Module):
         B, T, _ = x.shape
         # (B, T, 3 * nh * hs) -> three tensors of (B, nh, T, hs); within each, heads are contiguous.
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_size).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.rope:  # positions enter as rotations of queries and keys: scores see only t - s
+            cos, sin = _rotary(T, self.head_size, x.device)
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        if self.qk_norm:  # unit-RMS queries and keys: the scores stay bounded however the weights grow
+            q, k = F.rms_norm(q, (self.head_size,)), F.rms_norm(k, (self.head_size,))
         dropout_p = self.attn_dropout if self.training else 0.0
         if self.keep_weights:  # the weights are asked for: the same attention, with its softmax written out
             self.weights = _causal_attention_weights(q, k, self.scale)
@@ -129,6 +158,24 @@ class MultiHeadAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=self.scale)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_size)  # (B, T, nh * hs): heads concatenated
         return self.resid_dropout(self.proj(y))
+
+
+def _rotary(T: int, head_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE's angles for positions 0..T-1: (T, head_size / 2) each, base 10000 as in the paper.
+
+    Computed per forward (a few hundred multiplications) rather than stored, so checkpoints hold
+    weights only and any length up to block_size works.
+    """
+    inv_freq = 10000.0 ** -(torch.arange(0, head_size, 2, device=device, dtype=torch.float32) / head_size)
+    angles = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv_freq)  # (T, hs / 2)
+    return angles.cos(), angles.sin()
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x[i], x[i + hs/2]) of every head's channels by its position's angle: (B, nh, T, hs)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
 def _masked_softmax_attention(
@@ -153,13 +200,23 @@ def _causal_attention_weights(q: torch.Tensor, k: torch.Tensor, scale: float) ->
     return att.masked_fill_(future, float("-inf")).softmax(dim=-1)
 
 
+class ReLUSquared(nn.Module):
+    """relu(x)**2 (Primer, So et al. 2021): sparse like ReLU, smooth at 0 like GELU; torch has no module for it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()
+
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "relu2": ReLUSquared}
+
+
 class FeedForward(nn.Module):
-    """Per-position MLP: a ReLU layer, plus its projection back to n_embd when residuals are on."""
+    """Per-position MLP: a ReLU (or ``activation``) layer, plus its projection back to n_embd when residuals are on."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         hidden = config.ffn_mult * config.n_embd
-        layers: list[nn.Module] = [nn.Linear(config.n_embd, hidden), nn.ReLU()]
+        layers: list[nn.Module] = [nn.Linear(config.n_embd, hidden), ACTIVATIONS[config.activation]()]
         if config.residual:
             layers.append(nn.Linear(hidden, config.n_embd))
         if config.dropout:
@@ -180,7 +237,7 @@ class Block(nn.Module):
     def __init__(self, config: GPTConfig, attention: type[nn.Module] = MultiHeadAttention) -> None:
         super().__init__()
         self.residual = config.residual
-        norm = (lambda: nn.LayerNorm(config.n_embd)) if config.layer_norm else nn.Identity
+        norm = (lambda: _norm(config, config.n_embd)) if config.layer_norm else nn.Identity
         self.ln1, self.ln2 = norm(), norm()
         self.sa = attention(config)
         self.ffwd = FeedForward(config) if config.ffn else nn.Identity()
@@ -202,14 +259,23 @@ class GPT(nn.Module):
             self.token_embedding_table = nn.Embedding(config.vocab_size, config.vocab_size)
         else:
             self.token_embedding_table = nn.Embedding(config.vocab_size, config.n_embd)
-            self.position_embedding_table = nn.Embedding(config.block_size, config.n_embd)
+            if config.positions == "learned":
+                self.position_embedding_table = nn.Embedding(config.block_size, config.n_embd)
             self.blocks = nn.Sequential(*(Block(config) for _ in range(config.n_layer)))
             # Without residuals or feed-forward, the last layer's output is the concatenated heads.
             width = config.n_embd if (config.residual or config.ffn) else config.attn_width
-            self.ln_f = nn.LayerNorm(width) if config.layer_norm else nn.Identity()
+            self.ln_f = _norm(config, width) if config.layer_norm else nn.Identity()
             self.lm_head = nn.Linear(width, config.vocab_size)
+            if config.tie_weights:  # one (vocab_size, n_embd) matrix reads tokens in and writes logits out
+                self.lm_head.weight = self.token_embedding_table.weight
         if config.init == "normal":
             self.apply(_init_normal)
+        if config.zero_init_proj and not config.bigram:
+            for block in self.blocks:
+                for projection in (block.sa.proj, block.ffwd.net[2] if config.ffn else None):
+                    if isinstance(projection, nn.Linear):
+                        nn.init.zeros_(projection.weight)
+                        nn.init.zeros_(projection.bias)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -224,9 +290,10 @@ class GPT(nn.Module):
         if self.config.bigram:
             logits = self.token_embedding_table(idx)  # (B, T, V)
         else:
-            tok_emb = self.token_embedding_table(idx)  # (B, T, C)
-            pos_emb = self.position_embedding_table(torch.arange(T, device=idx.device))  # (T, C)
-            x = self.blocks(tok_emb + pos_emb)  # (B, T, C)
+            x = self.token_embedding_table(idx)  # (B, T, C)
+            if self.config.positions == "learned":
+                x = x + self.position_embedding_table(torch.arange(T, device=idx.device))  # + (T, C)
+            x = self.blocks(x)  # (B, T, C)
             logits = self.lm_head(self.ln_f(x))  # (B, T, V)
         loss = None
         if targets is not None:
@@ -299,6 +366,11 @@ class GPT(nn.Module):
             idx_next = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
             idx = torch.cat((idx, idx_next), dim=1)[:, -block_size:]  # (B, min(T + 1, block_size))
             yield idx_next
+
+
+def _norm(config: GPTConfig, width: int) -> nn.Module:
+    """The normalization ``layer_norm`` inserts, of ``norm``'s kind."""
+    return nn.LayerNorm(width) if config.norm == "layernorm" else nn.RMSNorm(width)
 
 
 def _init_normal(module: nn.Module) -> None:

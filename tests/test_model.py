@@ -175,3 +175,84 @@ def test_v2_width_may_differ_from_n_embd():
     config = GPTConfig(vocab_size=65, block_size=8, n_embd=32, n_head=1, head_size=16, n_layer=1,
                        ffn=False, residual=False, layer_norm=False)
     assert GPT(config).lm_head.in_features == 16
+
+
+
+# After the lecture: each change one flag, on a v6-like residual model (the only kind they apply to).
+MODERN = replace(BASE, residual=True, layer_norm=True, ffn_mult=4)
+ALL_MODERN = {"positions": "rope", "norm": "rmsnorm", "activation": "relu2", "qk_norm": True,
+              "zero_init_proj": True, "tie_weights": True}
+
+
+@pytest.mark.parametrize("name", ALL_MODERN)
+def test_each_modern_flag_changes_what_the_model_is(name):
+    torch.manual_seed(0)
+    base = GPT(MODERN)
+    other = GPT(replace(MODERN, **{name: ALL_MODERN[name]}))
+    idx = torch.randint(65, (2, 8))
+    if name == "positions":  # no position table: positions are rotations inside attention
+        assert hasattr(base, "position_embedding_table") and not hasattr(other, "position_embedding_table")
+    elif name == "norm":  # RMSNorm: a gain, no bias
+        assert {type(m).__name__ for m in other.modules()} >= {"RMSNorm"}
+        assert base.num_params() - other.num_params() == (2 * 2 + 1) * 32
+    elif name == "tie_weights":
+        assert other.lm_head.weight is other.token_embedding_table.weight
+        assert base.num_params() - other.num_params() == 65 * 32
+    elif name == "zero_init_proj":  # every block starts as the identity
+        x = torch.randn(2, 8, 32)
+        torch.testing.assert_close(other.blocks(x), x, rtol=0, atol=0)
+    else:  # activation, qk_norm: same weights, other output
+        other.load_state_dict(base.state_dict())
+        assert not torch.allclose(base(idx)[0], other(idx)[0])
+
+
+def test_the_modern_flags_keep_the_model_causal():
+    torch.manual_seed(0)
+    model = GPT(replace(MODERN, **{**ALL_MODERN, "zero_init_proj": False})).eval()  # non-trivial blocks
+    idx = torch.randint(65, (2, 8))
+    logits, _ = model(idx)
+    changed = idx.clone()
+    changed[:, 5:] = (changed[:, 5:] + 1) % 65
+    new_logits, _ = model(changed)
+    torch.testing.assert_close(new_logits[:, :5], logits[:, :5], rtol=0, atol=1e-6)
+    assert not torch.allclose(new_logits[:, 5:], logits[:, 5:])
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    from nanogpt_pl.model import _rotary, _rotate
+
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    cos, sin = _rotary(12, 8, torch.device("cpu"))
+
+    def score(s: int, t: int) -> float:  # query at position s, key at position t
+        return float((_rotate(q, cos[s:s + 1], sin[s:s + 1]) * _rotate(k, cos[t:t + 1], sin[t:t + 1])).sum())
+
+    assert score(5, 2) == pytest.approx(score(9, 6), abs=1e-5) and score(5, 2) != pytest.approx(score(5, 4))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"positions": "rope", "n_head": 1, "head_size": 15, "n_layer": 1, "ffn": False}, "even head size"),
+        ({"zero_init_proj": True}, "zero_init_proj needs residual"),
+    ],
+)
+def test_impossible_modern_configs_fail_with_one_sentence(kwargs, message):
+    with pytest.raises(UsageError, match=message):
+        replace(BASE, **kwargs)
+
+
+def test_a_checkpoint_of_the_modern_flags_resumes_and_generates_alone(small_text, tmp_path, monkeypatch, capsys):
+    from nanogpt_pl.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    flags = [f"--model.config.{name}={str(value).lower()}" for name, value in ALL_MODERN.items()]
+    args = ["fit", "--config", "v7_cpu", "--data.data_path", str(small_text), "--trainer.val_check_interval", "2",
+            "--data.eval_iters", "2", "--trainer.enable_progress_bar", "false", *flags]
+    main([*args, "--trainer.max_steps", "4"])
+    main([*args, "--trainer.max_steps", "6", "--ckpt_path", "last"])
+    assert "done: steps 4-6" in capsys.readouterr().out
+    last = tmp_path / "tb_logs/v7_cpu/version_0/checkpoints/last.ckpt"
+    main(["generate", "--ckpt_path", str(last), "--max_new_tokens", "20", "--seed", "1"])
+    assert len(capsys.readouterr().out) == 1 + 20 + 1  # the start (a newline), 20 characters, a newline
