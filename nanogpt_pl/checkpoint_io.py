@@ -180,7 +180,6 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-
 class NoCheckpoint(UsageError):
     """``--ckpt_path last`` found nothing to continue (``auto`` then starts afresh)."""
 

@@ -108,6 +108,8 @@ class GPTCLI(LightningCLI):
         ``nanogpt_pl.precision``). And find the checkpoint ``--ckpt_path last`` stands for.
         """
         config = self.config[self.subcommand] if self.subcommand else self.config
+        self._continues_run = False  # set by _resolve_last_checkpoint
+        self._run_folders: list[checkpoint_io.RunFolder] = []  # set by _claim_run_folders
         precision.fit_to_device(config.trainer, config.model)
         logger = config.trainer.logger
         if logger and getattr(logger, "init_args", None) is not None and logger.init_args.get("name") is None:
@@ -181,7 +183,6 @@ class GPTCLI(LightningCLI):
         A fresh run's version folder is created here, not left to the logger, so two runs started at
         once get two folders. Only the launching process claims (the others of a DDP run write nothing).
         """
-        self._run_folders: list[checkpoint_io.RunFolder] = []
         if self.subcommand != "fit" or not checkpoint_io.launching_process():
             return
         init_args = self._versioned_logger(config)
@@ -206,14 +207,14 @@ class GPTCLI(LightningCLI):
             raise
 
     def _release_run_folders(self) -> None:
-        for folder in getattr(self, "_run_folders", []):
+        for folder in self._run_folders:
             folder.release()
         self._run_folders = []
 
     def _run_subcommand(self, subcommand: str) -> None:
         try:
             with warnings.catch_warnings():
-                if getattr(self, "_continues_run", False):
+                if self._continues_run:
                     # Continuing a run means writing into its checkpoint folder: Lightning's warning
                     # that the folder "exists and is not empty" describes the expected case.
                     warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
@@ -347,4 +348,5 @@ def _root_message(err: BaseException) -> str:
         if isinstance(cause, UsageError):
             return str(cause)
         cause = cause.__cause__
-    return f"{err} (see --help)"
+    # jsonargparse spreads one complaint over indented lines ("Parser key ...:\n  Expected ..."): one line.
+    return " ".join(f"{err} (see --help)".split())

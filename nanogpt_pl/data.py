@@ -209,23 +209,21 @@ class CharDataModule(L.LightningDataModule):
         (the memory map is already in host memory) and where it does not fit."""
         if device.type == "cpu":
             return None
-        key = (split, device)
-        if key not in self._on_device:
-            self._on_device[key] = None
-            if self._fits(device):
-                self._on_device[key] = _to_device(self._splits[split], device)
-        return self._on_device[key]
+        if (split, device) not in self._on_device:
+            self._place(device, self._fits(device))
+        return self._on_device[(split, device)]
+
+    def _place(self, device: torch.device, fits: bool) -> None:
+        """Both splits copied to ``device`` if ``fits``, else both left in host memory."""
+        for split in SPLITS:
+            self._on_device[(split, device)] = _to_device(self._splits[split], device) if fits else None
 
     def _fits(self, device: torch.device) -> bool:
         """Whether the text (both splits) takes at most DEVICE_SHARE of the accelerator's free memory."""
         if device.type != "cuda":
             return device.type != "cpu"
         n_bytes = sum(len(s) for s in self._splits.values()) * _device_dtype(self._splits["train"]).itemsize
-        fits = n_bytes <= DEVICE_SHARE * torch.cuda.mem_get_info(device)[0]
-        # One answer for every process (called by each in setup, in the same order): processes that
-        # disagreed would draw with generators of different kinds, whose states (CUDA 16 bytes, CPU
-        # 5056) then could not be gathered into a checkpoint: a hang.
-        return bool(steps.reduce(self.trainer, int(fits), "min")) if self.trainer is not None else fits
+        return n_bytes <= DEVICE_SHARE * torch.cuda.mem_get_info(device)[0]
 
     def _process(self) -> tuple[int, int]:
         """(global rank, world size) of this process: (0, 1) outside a distributed run."""
@@ -250,6 +248,12 @@ class CharDataModule(L.LightningDataModule):
         # lives there (no host-device sync per step), on the CPU otherwise (as the lecture does).
         strategy = getattr(self.trainer, "strategy", None)
         device = strategy.root_device if strategy is not None else torch.device("cpu")
+        if device.type != "cpu":
+            # One answer for every process, agreed here where all of them are: processes that
+            # disagreed would draw with generators of different kinds, whose states (CUDA 16 bytes,
+            # CPU 5056) then could not be gathered into a checkpoint: a hang.
+            fits = self._fits(device)
+            self._place(device, bool(steps.reduce(self.trainer, int(fits), "min")) if self.trainer else fits)
         on_device = [self._device_split(split, device) for split in SPLITS]  # copied now, if they fit
         self._generator_device = device if all(s is not None for s in on_device) else torch.device("cpu")
         # The sampler's streams derive from the run's seed (seed_everything) so runs repeat, and

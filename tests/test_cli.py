@@ -97,3 +97,11 @@ def test_validate_and_test_rerun_the_estimate_from_a_checkpoint(small_text, tmp_
         main([subcommand, *args, "--ckpt_path", str(ckpt)])
         out = capsys.readouterr().out
         assert "val/loss" in out and "train/loss_eval" in out
+
+
+def test_a_typed_value_that_does_not_parse_is_one_line(capsys):
+    # jsonargparse spreads this complaint over two lines; the command line prints one.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["cache", "--prune", "maybe"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and 'Parser key "prune"' in err, err
