@@ -91,3 +91,16 @@ def check_fits(path, checkpoint: dict[str, Any], config: GPTConfig, vocab: Optio
             "(or set those values on the command line)."
         )
     return replaced
+
+
+def check_optimizer(path, checkpoint: dict[str, Any], hidden_optimizer: bool) -> None:
+    """``fit``: refuse to continue with one optimizer a run trained with two (``model.hidden_optimizer``),
+    or the reverse; the optimizer's state would not load, and only after the model was built."""
+    states = checkpoint.get("optimizer_states") or [{}]
+    saved = isinstance(states[0], dict) and "optimizers" in states[0]
+    if saved != hidden_optimizer:
+        had, has = ("a", "no") if saved else ("no", "a")
+        raise UsageError(
+            f"{path} was trained with {had} model.hidden_optimizer and this run has {has} one: continue it "
+            "with the config it was trained with, or leave out --ckpt_path to start a new run."
+        )

@@ -133,6 +133,8 @@ class GPTCLI(LightningCLI):
         data = config.data
         vocab = load_corpus(data.data_path, data.get("cache_dir")).chars  # the cache the parse-time link built
         replaced = checkpoint_gate.check_fits(path, checkpoint, GPTConfig(**config.model.config.as_dict()), vocab)
+        if self.subcommand == "fit":
+            checkpoint_gate.check_optimizer(path, checkpoint, config.model.get("hidden_optimizer") is not None)
         if replaced:
             print(f"note: the command line replaces {path}'s {', '.join(replaced)}", file=sys.stderr)
 

@@ -13,7 +13,9 @@ from torchmetrics.text import Perplexity
 
 from nanogpt_pl import steps
 from nanogpt_pl.data import SPLITS
+from nanogpt_pl.errors import UsageError
 from nanogpt_pl.model import GPT, GPTConfig
+from nanogpt_pl.optim import CombinedOptimizer, hidden_matrices
 
 # The estimate of each split, as the lecture's ``estimate_loss`` prints it.
 EVAL_TAGS = {"train": "train/loss_eval", "val": "val/loss"}
@@ -29,6 +31,7 @@ class GPTModule(L.LightningModule):
         config: GPTConfig = GPTConfig(),
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
+        hidden_optimizer: Optional[OptimizerCallable] = None,
         compile: bool = False,
     ) -> None:
         """
@@ -37,6 +40,9 @@ class GPTModule(L.LightningModule):
             optimizer: Optimizer built over the model's parameters (AdamW at a constant learning rate).
             lr_scheduler: Learning-rate schedule over the optimizer, stepped once per optimizer step
                 (none: the lecture's constant rate).
+            hidden_optimizer: Optimizer for the blocks' hidden matrices (``torch.optim.Muon``), ``optimizer``
+                then takes only the rest: embeddings, lm_head, norm gains and biases
+                (``nanogpt_pl.optim.hidden_matrices`` is the rule). None: ``optimizer`` takes everything.
             compile: Train and evaluate through ``torch.compile`` (compiled once, at the first step;
                 checkpoints and generation use the plain model).
         """
@@ -48,6 +54,7 @@ class GPTModule(L.LightningModule):
         self.model = GPT(config)
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
+        self.hidden_optimizer = hidden_optimizer
         self.compile_model = compile
         self._compiled = None
         # Keyed "<split>_loss": a plain "train" key would shadow nn.Module.train.
@@ -132,7 +139,13 @@ class GPTModule(L.LightningModule):
     test_step = validation_step
 
     def configure_optimizers(self):
-        optimizer = self.optimizer(self.parameters())
+        if self.hidden_optimizer is None:
+            optimizer = self.optimizer(self.parameters())
+        else:
+            hidden, rest = hidden_matrices(self.model)
+            if not hidden:
+                raise UsageError("model.hidden_optimizer needs hidden matrices, and a bigram model (v1) has none: leave it out.")
+            optimizer = CombinedOptimizer([self.optimizer(rest), self.hidden_optimizer(hidden)])
         if self.lr_scheduler is None:
             return optimizer
         # Per step, not per epoch: warm-up and decay are counted in steps, and the stream is one epoch.

@@ -223,12 +223,15 @@ def test_rope_scores_depend_only_on_relative_position():
 
     torch.manual_seed(0)
     q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
-    cos, sin = _rotary(12, 8, torch.device("cpu"))
+    rotations = _rotary(12, 8, torch.device("cpu"))
 
     def score(s: int, t: int) -> float:  # query at position s, key at position t
-        return float((_rotate(q, cos[s:s + 1], sin[s:s + 1]) * _rotate(k, cos[t:t + 1], sin[t:t + 1])).sum())
+        return float((_rotate(q, rotations[s:s + 1]) * _rotate(k, rotations[t:t + 1])).sum())
 
     assert score(5, 2) == pytest.approx(score(9, 6), abs=1e-5) and score(5, 2) != pytest.approx(score(5, 4))
+    # A rotation: each pair of channels keeps its length, and position 0 is not moved.
+    torch.testing.assert_close(_rotate(q, rotations[7:8]).norm(), q.norm())
+    torch.testing.assert_close(_rotate(q, rotations[:1]), q)
 
 
 @pytest.mark.parametrize(
