@@ -152,3 +152,31 @@ def test_a_stopped_reproduction_says_what_its_rerun_does(tmp_path, capsys, monke
     err = capsys.readouterr().err
     assert exit_info.value.code == 1
     assert "a rerun of reproduce trains that run again from step 0" in err and "seed7" in err, err
+
+
+def test_parallel_runs_give_the_serial_runs_figures(tmp_path):
+    # Two versions x two seeds: --jobs 2 trains them in two one-thread processes, the serial run here
+    # with one thread too. Every figure but the clock is the same, each seed in its place.
+    import torch
+
+    threads = torch.get_num_threads()
+    common = ["--versions", "v3,v2", "--seeds", "5,6", "--max_steps", "6", "--eval_iters", "2",
+              "--configs", str(REPO / "configs")]
+    torch.set_num_threads(1)
+    try:
+        main(["reproduce", *common, "--out", str(tmp_path / "serial")])
+    finally:
+        torch.set_num_threads(threads)
+    main(["reproduce", *common, "--jobs", "2", "--out", str(tmp_path / "parallel")])
+
+    def figures(out):
+        records = json.loads((out / "results.json").read_text())
+        for record in records.values():
+            record.pop("wall_s")
+            for run in record["seeds"]:
+                run.pop("wall_s")
+        return records
+
+    serial, parallel = figures(tmp_path / "serial"), figures(tmp_path / "parallel")
+    assert sorted(parallel) == ["v2", "v3"] and [r["seed"] for r in parallel["v3"]["seeds"]] == [5, 6]
+    assert parallel == serial
