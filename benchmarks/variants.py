@@ -110,7 +110,7 @@ def plain(parsed) -> dict:
     module.to(device)
     dm.setup("fit")
     forward = module.step_model  # compiled once when model.compile is set, as in fit
-    optimizer = module.configure_optimizers()
+    optimizer = built_optimizer(module)
     train_stream, eval_stream = dm._generators["train"], dm._generators["eval"]
     due = schedule(trainer)
     for step in range(1, trainer.max_steps + 1):
@@ -156,6 +156,13 @@ def fit(config: str, overrides: list[str]) -> dict:
 
 
 # -- training step time -------------------------------------------------------------------------
+def built_optimizer(module):
+    """The module's optimizer (with ``hidden_optimizer``, the combined one), without its schedule:
+    the benchmark times steps at the base learning rate."""
+    built = module.configure_optimizers()
+    return built["optimizer"] if isinstance(built, dict) else built
+
+
 def step_time(parsed, formulation: str, steps: int, profile: int = 0) -> dict:
     """Median time of ``steps`` training steps after a warm-up step; with ``profile``, also print
     ``torch.profiler``'s table of the ``profile`` most expensive operators over the timed steps."""
@@ -168,7 +175,7 @@ def step_time(parsed, formulation: str, steps: int, profile: int = 0) -> dict:
         model = LectureGPT.from_gpt(module.model).train()
         optimizer = torch.optim.AdamW(model.parameters(), **parsed.config["model"]["optimizer"]["init_args"])
     else:
-        model, optimizer = module.step_model, module.configure_optimizers()
+        model, optimizer = module.step_model, built_optimizer(module)
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed" else contextlib.nullcontext()
     )

@@ -302,7 +302,8 @@ def _prog() -> str:
 def _description() -> str:
     text = (
         "Train and evaluate the GPTs of \"Let's build GPT\": configs/v1.yaml (a bigram table) to "
-        "configs/v7.yaml (the scaled-up Transformer)."
+        "configs/v7.yaml (the scaled-up Transformer), and on to configs/v8_cpu.yaml (the changes "
+        "adopted since)."
     )
     if COMMANDS:
         text += f" Other commands: {', '.join(COMMANDS)} (each with --help)."

@@ -145,7 +145,11 @@ class GPTModule(L.LightningModule):
             hidden, rest = hidden_matrices(self.model)
             if not hidden:
                 raise UsageError("model.hidden_optimizer needs hidden matrices, and a bigram model (v1) has none: leave it out.")
-            optimizer = CombinedOptimizer([self.optimizer(rest), self.hidden_optimizer(hidden)])
+            hidden_optimizer = self.hidden_optimizer(hidden)
+            for group in hidden_optimizer.param_groups:  # torch.optim.Muon checks this only at its first step
+                if not 0 <= group.get("ns_steps", 0) < 100:
+                    raise ValueError(f"Muon ns_steps must be in 0..99, got {group['ns_steps']}")
+            optimizer = CombinedOptimizer([self.optimizer(rest), hidden_optimizer])
         if self.lr_scheduler is None:
             return optimizer
         # Per step, not per epoch: warm-up and decay are counted in steps, and the stream is one epoch.

@@ -1,17 +1,23 @@
 """The reproduction's outputs, from its records: results.json, results.md (the lecture's table next to
-ours), val_loss.png (every version's val-loss curve, as logged to TensorBoard) and samples.md (what
-each version writes)."""
+ours), val_loss.png (the lecture's versions' val-loss curves, as logged to TensorBoard),
+after_lecture.png (the same for the path from v7_cpu to v8_cpu) and samples.md (what each version
+writes)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 from pathlib import Path
 
+# The path after the lecture, one change per step: v7_cpu, v7_cpu_1_rope, ..., v8_cpu (v8 on a GPU).
+# The one-change ablations (v7_cpu_rope, ...) are rows of the table only.
+AFTER_LECTURE = re.compile(r"v7_cpu(_\d+_.*)?|v8.*")
+
 
 def write_report(records: dict[str, dict], out: Path, headers: dict[str, dict]) -> None:
-    """Write the four files from the same records, so they always agree with each other.
+    """Write the five files from the same records, so they always agree with each other.
 
     ``headers`` are every config's target and device lines: the table lists versions not run too.
     """
@@ -19,7 +25,10 @@ def write_report(records: dict[str, dict], out: Path, headers: dict[str, dict]) 
     records = dict(sorted(records.items()))
     _write_atomic(out / "results.json", json.dumps(records, indent=1) + "\n")
     _write_atomic(out / "results.md", results_table(records, headers))
-    plot_val_loss(records, out / "val_loss.png")
+    lecture = {v: r for v, r in records.items() if not v.startswith(("v7_cpu_", "v8"))}
+    plot_val_loss(lecture, out / "val_loss.png", "the lecture's versions")
+    after = {v: r for v, r in records.items() if AFTER_LECTURE.fullmatch(v)}
+    plot_val_loss(after, out / "after_lecture.png", "after the lecture, one change per step")
     _write_atomic(out / "samples.md", samples_gallery(records))
 
 
@@ -79,8 +88,8 @@ def results_table(records: dict[str, dict], headers: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_val_loss(records: dict[str, dict], path: Path) -> None:
-    """Every version's val/loss against steps: mean over seeds, shaded between the lowest and highest seed."""
+def plot_val_loss(records: dict[str, dict], path: Path, title: str) -> None:
+    """Each version's val/loss against steps: mean over seeds, shaded between the lowest and highest seed."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
@@ -103,9 +112,10 @@ def plot_val_loss(records: dict[str, dict], path: Path) -> None:
                     markeredgecolor="black", linestyle="none")
     ax.set_xlabel("step")
     ax.set_ylabel("val loss (estimate)")
-    ax.set_title("val/loss per version: mean over seeds, band = min–max, ★ = target")
+    ax.set_title(f"val/loss, {title}: mean over seeds, band = min–max, ★ = target")
     ax.grid(alpha=0.3)
-    ax.legend(ncol=2, fontsize="small")
+    if records:
+        ax.legend(ncol=2, fontsize="small")
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp")
     fig.savefig(tmp, format="png")

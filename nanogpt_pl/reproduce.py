@@ -51,8 +51,8 @@ def reproduce(
     samples_only: bool = False,
     jobs: int = 1,
 ) -> None:
-    """Train the lecture's versions over several seeds and write results.json, results.md, val_loss.png
-    and samples.md (a text from each version's first seed, side by side).
+    """Train the lecture's versions over several seeds and write results.json, results.md, val_loss.png,
+    after_lecture.png and samples.md (a text from each version's first seed, side by side).
 
     Args:
         versions: Comma-separated config names from the configs folder (v1,v3_ffn,...); default
@@ -155,7 +155,8 @@ def _check_writable(out: Path) -> None:
 
 
 def _print_outputs(out: Path) -> None:
-    print(f"results: {out / 'results.md'}, {out / 'results.json'}, {out / 'val_loss.png'}, {out / 'samples.md'}")
+    files = ("results.md", "results.json", "val_loss.png", "after_lecture.png", "samples.md")
+    print(f"results: {', '.join(str(out / name) for name in files)}")
 
 
 def gallery_sample(out: Path, version: str, seed: int) -> dict:

@@ -146,3 +146,12 @@ def test_a_bigram_has_no_hidden_matrices_for_muon(small_text, tmp_path, monkeypa
               "--model.hidden_optimizer", "torch.optim.Muon", "--trainer.max_steps", "2"])
     assert "a bigram model (v1) has none" in capsys.readouterr().err
     assert not (tmp_path / "tb_logs/v1/version_0").exists()
+
+
+def test_muon_arguments_are_checked_before_the_run_starts(small_text, tmp_path, monkeypatch, capsys):
+    # torch.optim.Muon checks ns_steps only at its first step, after the run folder exists.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        main(small_v8(small_text, "--model.hidden_optimizer.init_args.ns_steps", "200", steps=2))
+    assert "Muon ns_steps must be in 0..99, got 200" in capsys.readouterr().err
+    assert not (tmp_path / "tb_logs/v8_cpu/version_0").exists()

@@ -53,6 +53,7 @@ def test_reproduce_writes_consistent_results(tmp_path):
 
     width, height = _png_size(out / "val_loss.png")
     assert width > 300 and height > 200
+    assert _png_size(out / "after_lecture.png") == (width, height)  # no version of that path run: empty axes
 
     # The gallery: a fixed-seed text from the first seed's last.ckpt, in results.json and samples.md.
     gallery = record["sample"]
