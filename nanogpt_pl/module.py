@@ -152,6 +152,14 @@ class GPTModule(L.LightningModule):
             optimizer = CombinedOptimizer([self.optimizer(rest), hidden_optimizer])
         if self.lr_scheduler is None:
             return optimizer
+        base_rates = [group["lr"] for group in optimizer.param_groups]
         # Per step, not per epoch: warm-up and decay are counted in steps, and the stream is one epoch.
         scheduler = {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}
+        scales = {round(group["lr"] / rate, 9) for group, rate in zip(optimizer.param_groups, base_rates) if rate}
+        if isinstance(optimizer, CombinedOptimizer) and len(scales) > 1:
+            raise ValueError(
+                f"{type(scheduler['scheduler']).__name__} sets one rate for both optimizers' groups, so Muon "
+                "would train at AdamW's rate: give OneCycleLR's max_lr a list (AdamW's, then Muon's) or use "
+                "nanogpt_pl.optim.LinearWarmdown"
+            )
         return {"optimizer": optimizer, "lr_scheduler": scheduler}

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import yaml
 
 from conftest import REPO
 from nanogpt_pl.cli import main
@@ -114,9 +115,11 @@ def test_muon_through_the_cli_resumes_exactly_and_schedules_both(small_text, tmp
     main(small_v8(small_text, steps=10))
     expected = scalars(tmp_path / "tb_logs/v8_cpu/version_0")
     adamw, muon = expected["lr-CombinedOptimizer/AdamW"], expected["lr-CombinedOptimizer/Muon"]
-    # Constant, then down linearly over the last 40%: each from its own rate (3e-3 and 0.02).
-    assert adamw[0] == pytest.approx(3e-3) and muon[0] == pytest.approx(0.02)
-    assert muon[8] == pytest.approx(0.02 * 0.5) and adamw[8] == pytest.approx(3e-3 * 0.5)
+    # Constant, then down linearly over the last 70% (from step 3 of 10): each from its own rate.
+    spec = yaml.safe_load((REPO / "configs" / "v8_cpu.yaml").read_text())["model"]
+    rates = spec["optimizer"]["init_args"]["lr"], spec["hidden_optimizer"]["init_args"]["lr"]
+    for step, factor in ((0, 1.0), (3, 1.0), (8, 2 / 7)):
+        assert (adamw[step], muon[step]) == pytest.approx((rates[0] * factor, rates[1] * factor), rel=1e-6)
 
     (tmp_path / "resumed").mkdir()
     monkeypatch.chdir(tmp_path / "resumed")
@@ -148,10 +151,28 @@ def test_a_bigram_has_no_hidden_matrices_for_muon(small_text, tmp_path, monkeypa
     assert not (tmp_path / "tb_logs/v1/version_0").exists()
 
 
-def test_muon_arguments_are_checked_before_the_run_starts(small_text, tmp_path, monkeypatch, capsys):
-    # torch.optim.Muon checks ns_steps only at its first step, after the run folder exists.
+V7_CPU_WITH_MUON = ["fit", "--config", str(REPO / "configs" / "v7_cpu.yaml"), "--model.hidden_optimizer",
+                    "torch.optim.Muon", "--model.hidden_optimizer.init_args.lr", "0.02"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        # torch.optim.Muon checks ns_steps only at its first step, after the run folder exists.
+        (["--model.hidden_optimizer.init_args.ns_steps", "200"], "Muon ns_steps must be in 0..99, got 200"),
+        # v7_cpu's schedule has one max_lr: Muon would train at AdamW's rate.
+        (V7_CPU_WITH_MUON, "OneCycleLR sets one rate for both optimizers' groups"),
+    ],
+    ids=["ns_steps", "one_max_lr"],
+)
+def test_muon_mistakes_are_one_line_before_the_run_starts(args, message, small_text, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    if args[0] == "fit":
+        args = [*args, "--data.data_path", str(small_text), "--trainer.max_steps", "2"]
+    else:
+        args = small_v8(small_text, *args, steps=2)
     with pytest.raises(SystemExit):
-        main(small_v8(small_text, "--model.hidden_optimizer.init_args.ns_steps", "200", steps=2))
-    assert "Muon ns_steps must be in 0..99, got 200" in capsys.readouterr().err
-    assert not (tmp_path / "tb_logs/v8_cpu/version_0").exists()
+        main(args)
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not list(tmp_path.glob("tb_logs/*/version_0"))
