@@ -59,10 +59,11 @@ EXPECTED_PARAMS = {
 }
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+LECTURE_ROWS = [p for p in CONFIGS if p.stem in EXPECTED_PARAMS]
+
+
+@pytest.mark.parametrize("path", LECTURE_ROWS, ids=lambda p: p.stem)
 def test_parameter_counts_are_the_lectures(path):
-    if path.stem not in EXPECTED_PARAMS:
-        pytest.skip(f"{path.stem} is not a row of the lecture's table")
     assert GPT(config_of(path)).num_params() == EXPECTED_PARAMS[path.stem]
 
 
