@@ -110,7 +110,9 @@ def plain(parsed) -> dict:
     module.to(device)
     dm.setup("fit")
     forward = module.step_model  # compiled once when model.compile is set, as in fit
-    optimizer = built_optimizer(module)
+    optimizer = module.configure_optimizers()
+    if isinstance(optimizer, dict):  # the loop steps no schedule: its losses would not be fit's
+        raise SystemExit("error: the plain variant has no learning-rate schedule; use a config without one")
     train_stream, eval_stream = dm._generators["train"], dm._generators["eval"]
     due = schedule(trainer)
     for step in range(1, trainer.max_steps + 1):

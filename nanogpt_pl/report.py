@@ -11,9 +11,11 @@ import re
 import statistics
 from pathlib import Path
 
-# The path after the lecture, one change per step: v7_cpu, v7_cpu_1_rope, ..., v8_cpu (v8 on a GPU).
-# The one-change ablations (v7_cpu_rope, ...) are rows of the table only.
-AFTER_LECTURE = re.compile(r"v7_cpu(_\d+_.*)?|v8.*")
+# The figures' versions: the lecture's (v1 .. v7, and v7_cpu), and the path after it, one change
+# per step (v7_cpu, v7_cpu_1_rope, ..., v8_cpu; v8 on a GPU). The one-change ablations
+# (v7_cpu_rope, ...) are rows of the table only.
+LECTURE = re.compile(r"v[1-7](_ffn)?|v7_cpu")
+AFTER_LECTURE = re.compile(r"v7_cpu(_\d+_.*)?|v8(_cpu)?")
 
 
 def write_report(records: dict[str, dict], out: Path, headers: dict[str, dict]) -> None:
@@ -25,10 +27,9 @@ def write_report(records: dict[str, dict], out: Path, headers: dict[str, dict]) 
     records = dict(sorted(records.items()))
     _write_atomic(out / "results.json", json.dumps(records, indent=1) + "\n")
     _write_atomic(out / "results.md", results_table(records, headers))
-    lecture = {v: r for v, r in records.items() if not v.startswith(("v7_cpu_", "v8"))}
-    plot_val_loss(lecture, out / "val_loss.png", "the lecture's versions")
-    after = {v: r for v, r in records.items() if AFTER_LECTURE.fullmatch(v)}
-    plot_val_loss(after, out / "after_lecture.png", "after the lecture, one change per step")
+    for pattern, name, title in ((LECTURE, "val_loss.png", "the lecture's versions"),
+                                 (AFTER_LECTURE, "after_lecture.png", "after the lecture, one change per step")):
+        plot_val_loss({v: r for v, r in records.items() if pattern.fullmatch(v)}, out / name, title)
     _write_atomic(out / "samples.md", samples_gallery(records))
 
 
@@ -67,7 +68,7 @@ def results_table(records: dict[str, dict], headers: dict[str, dict]) -> str:
     for version in sorted(headers.keys() | records.keys()):
         record = records.get(version)
         target = ((record or headers[version])["target"] or {}).get("val")
-        shown = target if target is not None else "not reported"
+        shown = target if target is not None else "–"  # v4 (the lecture reported none) and the ablations
         if record is None:
             why = "not yet run on a GPU" if headers[version]["device"] == "gpu" else "not run"
             lines.append(f"| `{version}` | {shown} | {why} | | | | | | |")

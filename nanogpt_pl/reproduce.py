@@ -67,7 +67,8 @@ def reproduce(
             recorded first seed under <out>/runs/, and rewrite the reports.
         jobs: Runs trained at once, each in its own process with one thread (the small models gain
             little from a second thread, and N runs side by side finish about N times sooner on N
-            free cores). Every run's figures are those of a one-thread serial run.
+            free cores; no more processes than runs). Every run's figures are those of a one-thread
+            serial run.
     """
     seed_list = _parse_seeds(seeds)
     chosen = _select(Path(configs), versions)
@@ -93,14 +94,14 @@ def reproduce(
         overrides += ["--data.eval_iters", str(eval_iters)]
         command += f" --eval_iters {eval_iters}"
 
-    total = len(chosen) * len(seed_list)
+    pairs = [(config, seed) for config in chosen for seed in seed_list]
     runs = [
-        (config, seed, out / "runs", f"[{i + 1}/{total}] {config.stem} seed {seed}", overrides)
-        for i, (config, seed) in enumerate((config, seed) for config in chosen for seed in seed_list)
+        (config, seed, out / "runs", f"[{i}/{len(pairs)}] {config.stem} seed {seed}", overrides)
+        for i, (config, seed) in enumerate(pairs, 1)
     ]
     finished = {}
-    with _runner(jobs) as results:  # in the table's order, whichever process finishes first
-        done = iter(results(runs))
+    with _runner(min(jobs, len(runs))) as run_all:  # in the table's order, whichever process finishes first
+        done = run_all(runs)
         for config in chosen:
             finished[config.stem] = _record(config, [next(done) for _ in seed_list], command)
             finished[config.stem]["sample"] = gallery_sample(out, config.stem, seed_list[0])
@@ -112,11 +113,11 @@ def reproduce(
 
 @contextlib.contextmanager
 def _runner(jobs: int):
-    """``results(runs)``: each run's ``_run`` result, in order; with ``jobs`` > 1 from that many
-    one-thread processes. A failure or stop in one ends the reproduction: the runs still training
-    are stopped as a stopped fit is (each writes its last.ckpt), then the error propagates."""
+    """``run_all(runs)``: an iterator over each run's ``_run`` result, in order; with ``jobs`` > 1 from
+    that many one-thread processes. A failure or stop in one ends the reproduction: the runs still
+    training are stopped as a stopped fit is (each writes its last.ckpt), then the error propagates."""
     if jobs == 1:
-        yield lambda runs: (_run(*run) for run in runs)
+        yield lambda runs: map(_run_packed, runs)
         return
     # spawn: a fresh interpreter per process, as safe with threads and CUDA as a separate command.
     pool = multiprocessing.get_context("spawn").Pool(jobs, initializer=_one_thread)
