@@ -219,6 +219,19 @@ def train_flops(config: GPTConfig, tokens: int) -> float:
     return (6 * n_params + attention) * tokens
 
 
+def newton_schulz_flops(optimizer: torch.optim.Optimizer) -> float:
+    """FLOPs of one step's orthogonalization in ``torch.optim.Muon`` (0 without Muon). Each
+    Newton–Schulz iteration on an m x n matrix, m <= n, forms X Xᵀ (2m²n), the m x m polynomial
+    (2m³) and its product with X (2m²n): the cost follows the matrices, whatever the batch."""
+    members = getattr(optimizer, "optimizers", [optimizer])  # a CombinedOptimizer's, or itself
+    flops = 0
+    for group in (g for member in members if isinstance(member, torch.optim.Muon) for g in member.param_groups):
+        for p in group["params"]:
+            m, n = sorted(p.shape)
+            flops += group["ns_steps"] * (4 * m * m * n + 2 * m**3)
+    return float(flops)
+
+
 def _matrices(config: GPTConfig):
     from nanogpt_pl.model import GPT
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 from dataclasses import replace
 
 import pytest
 import torch
 import yaml
+from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import REPO
 from nanogpt_pl.cli import main
@@ -82,6 +84,25 @@ def test_the_combined_optimizer_steps_as_its_members_and_resumes_exactly():
 
     with pytest.raises(ValueError, match="not 2 optimizers"):
         resumed.load_state_dict(resumed.optimizers[0].state_dict())
+
+
+@pytest.mark.parametrize("ns_steps", [5, 2])
+def test_the_benchmarks_newton_schulz_flops_are_what_muon_computes(ns_steps):
+    """benchmarks/after_lecture.py sets Muon's FLOPs beside the model's: counted here in torch's own
+    Muon step, over matrices of both orientations (wide and tall)."""
+    spec = importlib.util.spec_from_file_location("variants", REPO / "benchmarks" / "variants.py")
+    variants = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(variants)
+    model = GPT(SMALL)
+    hidden, rest = hidden_matrices(model)
+    assert {p.shape[0] > p.shape[1] for p in hidden} == {True, False}
+    optimizer = CombinedOptimizer([torch.optim.AdamW(rest), torch.optim.Muon(hidden, ns_steps=ns_steps)])
+    _, loss = model(*torch.randint(65, (2, 2, 8)))
+    loss.backward()
+    with FlopCounterMode(display=False) as counter:
+        optimizer.step()
+    assert counter.get_total_flops() == variants.newton_schulz_flops(optimizer) > 0
+    assert variants.newton_schulz_flops(torch.optim.AdamW(rest)) == 0
 
 
 def test_linear_warmdown_moves_each_member_from_its_own_rate():
