@@ -41,23 +41,35 @@ PATH = ["v7_cpu", "v7_cpu_1_rope", "v7_cpu_2_rmsnorm", "v7_cpu_3_relu2", "v7_cpu
 FULL = ["v7_cpu", "v8_cpu"]
 
 
+def _config(name: str) -> dict:
+    return yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
+
+
+def tokens_per_step(name: str) -> int:
+    data = _config(name)["data"]
+    return data["batch_size"] * data["block_size"]
+
+
 def newton_schulz_share(name: str) -> float:
-    """Muon's Newton–Schulz FLOPs per step over the model's training FLOPs, at a config's sizes:
-    counted on a model without storage (meta tensors), so a GPU config is counted here too."""
-    config = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
-    model, data = config["model"], config["data"]
-    gpt = GPTConfig(**model["config"], block_size=data["block_size"])
+    """Muon's Newton–Schulz FLOPs per step over the model's training FLOPs, at a config's sizes
+    (Tiny Shakespeare's 65 characters): counted on a model without storage (meta tensors), so a
+    GPU config is counted here too."""
+    model = _config(name)["model"]
     if "hidden_optimizer" not in model:
         return 0.0
+    gpt = GPTConfig(**model["config"], block_size=_config(name)["data"]["block_size"])
     with torch.device("meta"):
         hidden, _ = hidden_matrices(GPT(gpt))
     muon = torch.optim.Muon(hidden, **model["hidden_optimizer"].get("init_args", {}))
-    return newton_schulz_flops(muon) / train_flops(gpt, data["batch_size"] * gpt.block_size)
+    return newton_schulz_flops(muon) / train_flops(gpt, tokens_per_step(name))
 
 
 def passes_baseline(results: dict, name: str, base: str) -> tuple[int, int] | None:
     """The first estimate at which ``name``'s val loss, averaged over its seeds, is at or below
-    ``base``'s final mean val, with ``name``'s step count, from reproduce's results.json."""
+    ``base``'s final mean val, with ``name``'s step count, from reproduce's results.json (None
+    where it never is, or either version is not recorded)."""
+    if name not in results or base not in results:
+        return None
     record = results[name]
     curves = [dict(seed["val_curve"]) for seed in record["seeds"]]
     for step in sorted(curves[0]):
@@ -66,20 +78,17 @@ def passes_baseline(results: dict, name: str, base: str) -> tuple[int, int] | No
     return None
 
 
-def _tokens(name: str) -> int:
-    data = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())["data"]
-    return data["batch_size"] * data["block_size"]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=100, help="timed steps per config")
     parser.add_argument("--repeat", type=int, default=3, help="rounds of the per-step table")
     parser.add_argument("--full", type=int, default=1, help="rounds of whole runs of v7_cpu and v8_cpu (0: none)")
     args = parser.parse_args()
+    if args.steps < 1 or args.repeat < 0 or args.full < 0:
+        parser.error("--steps must be positive, --repeat and --full zero or more")
     print(f"{cpu_name()}, torch {torch.__version__}, one thread\n")
     print(f"Newton–Schulz FLOPs / model FLOPs per step: v8_cpu {newton_schulz_share('v8_cpu'):.2f}, "
-          f"v8 {newton_schulz_share('v8'):.2f} (its {_tokens('v8')} tokens per step against v8_cpu's {_tokens('v8_cpu')})")
+          f"v8 {newton_schulz_share('v8'):.2f} (its {tokens_per_step('v8')} tokens per step against v8_cpu's {tokens_per_step('v8_cpu')})")
     results = json.loads((REPO / "docs" / "reproduction" / "results.json").read_text())
     if passed := passes_baseline(results, "v8_cpu", "v7_cpu"):
         print(f"In docs/reproduction/results.json, v8_cpu's mean val (over its seeds) first reaches v7_cpu's "
