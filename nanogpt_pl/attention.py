@@ -6,7 +6,6 @@ them, for the ``attention`` command (a PNG from a checkpoint) and for TensorBoar
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import lightning as L
@@ -15,6 +14,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from nanogpt_pl.data import CharTokenizer
 from nanogpt_pl.errors import UsageError
+from nanogpt_pl.files import write_atomic
 from nanogpt_pl.generate import load_checkpoint
 from nanogpt_pl.model import GPT
 
@@ -90,12 +90,9 @@ def attention(*, ckpt_path: str, prompt: str = "ROMEO:", out: Path = Path("atten
     if not out.parent.is_dir():
         raise UsageError(f"folder {out.parent} does not exist: create it or choose another --out.")
     fig = attention_figure(weights, prompt)
-    tmp = out.with_name(out.name + ".tmp")
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, out)
+        write_atomic(out, lambda f: fig.savefig(f, format="png"))
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise UsageError(f"cannot write {out} ({err.strerror or err}): choose another --out.") from None
     finally:
         plt.close(fig)

@@ -104,3 +104,58 @@ def check_optimizer(path, checkpoint: dict[str, Any], hidden_optimizer: bool) ->
             f"{path} was trained with {had} model.hidden_optimizer and this run has {has} one: continue it "
             "with the config it was trained with, or leave out --ckpt_path to start a new run."
         )
+
+
+# Optimizer settings a resume cannot take from the command line: Lightning loads the checkpoint's
+# param_groups whole. ``initial_lr`` is the schedule's base rate; ``lr`` then is the scheduled one.
+_NOT_SETTINGS = ("params", "initial_lr", "lr")
+
+
+def saved_optimizers(checkpoint: dict[str, Any]) -> list[tuple[Optional[str], list[dict]]]:
+    """Each optimizer a checkpoint holds the state of: its class name (recorded since this release;
+    None before) and its param_groups without the parameters."""
+    states = (checkpoint.get("optimizer_states") or [{}])[0]
+    members = states.get("optimizers", [states]) if isinstance(states, dict) else []
+    names = checkpoint.get("optimizer_names") or [None] * len(members)
+    return [
+        (name, [{k: v for k, v in group.items() if k != "params"} for group in member.get("param_groups", [])])
+        for name, member in zip(names, members)
+    ]
+
+
+def check_optimizer_settings(path, saved: list[tuple[Optional[str], list[dict]]], optimizers: list) -> list[str]:
+    """``fit --ckpt_path``: refuse an optimizer of another class than the checkpoint's (its state would
+    not load, or would load into the wrong update rule); return the settings the resume keeps from
+    the checkpoint where this run asks for others, as ``name setting: saved (this run: asked)``."""
+    ignored = []
+    for (saved_name, saved_groups), optimizer in zip(saved, optimizers):
+        name = type(optimizer).__name__
+        groups = optimizer.param_groups
+        saved_keys = set(saved_groups[0]) - set(_NOT_SETTINGS) if saved_groups else set()
+        keys = set(groups[0]) - set(_NOT_SETTINGS)
+        if (saved_name or name) != name or saved_keys != keys or len(saved_groups) != len(groups):
+            was = saved_name or f"another optimizer (with {', '.join(sorted(saved_keys - keys)) or 'other parameter groups'})"
+            raise UsageError(
+                f"{path} was trained with {was} and this run has {name}: its optimizer state cannot continue "
+                f"in {name}. Continue it with the optimizer it was trained with, or leave out --ckpt_path to "
+                "start a new run."
+            )
+        for i, (old, new) in enumerate(zip(saved_groups, groups)):
+            rate = "initial_lr" if "initial_lr" in old and "initial_lr" in new else "lr"
+            for key in sorted(keys | {rate}):
+                before, after = _plain(old.get(key)), _plain(new.get(key))
+                if before != after:
+                    setting = f"{name} {key if key != 'initial_lr' else 'lr'}"
+                    entry = f"{setting} {before!r} (this run: {after!r})"
+                    if not any(e.startswith(f"{setting} ") for e in ignored):  # once per setting
+                        ignored.append(entry)
+    return ignored
+
+
+def _plain(value):
+    """Values as a saved and a fresh param_group compare them: tuples and lists alike, tensors as numbers."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -20,6 +20,7 @@ from lightning.fabric.utilities.rank_zero import _get_rank as _launch_rank
 from lightning.pytorch.plugins import TorchCheckpointIO
 
 from nanogpt_pl.errors import UsageError
+from nanogpt_pl.files import open_lock, probe_file_writable, probe_writable, write_atomic
 
 LAST = "last"  # ModelCheckpoint's name for the newest checkpoint: last.ckpt (last-v1.ckpt, ... on name clashes)
 
@@ -44,17 +45,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # One fixed name per target: a file left by a killed writer is simply overwritten next time.
-        partial = path.with_name(f".{path.name}.partial")
         try:
-            with open(partial, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())  # the bytes reach the disk before the name points at them
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, lambda f: torch.save(checkpoint, f))
         except (OSError, RuntimeError) as err:  # torch's zip writer reports a full disk as RuntimeError
-            partial.unlink(missing_ok=True)
             if not _disk_full(err):
+                if isinstance(err, OSError):
+                    raise UsageError(
+                        f"cannot write the checkpoint {path} ({err.strerror or err}): make {path.parent} "
+                        "writable or choose another --checkpoint.dirpath; the previous checkpoint is intact."
+                    ) from None
                 raise
             buffer = io.BytesIO()
             torch.save(checkpoint, buffer)
@@ -62,8 +62,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"no space left in {path.parent} to save {path.name} ({buffer.tell():,} bytes needed); "
                 "free space there and resume with --ckpt_path last (the previous checkpoint is intact)."
             ) from None
-        os.replace(partial, path)
-        _fsync_directory(path.parent)
 
 
 def launching_process() -> bool:
@@ -94,7 +92,7 @@ class RunFolder:
         created = [*_missing(folder), *created]
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            handle = open(folder / ".run.lock", "a+")
+            handle = open_lock(folder / ".run.lock", write=True)
         except OSError as err:
             raise UsageError(
                 f"cannot write the run folder {folder} ({err.strerror or err}): make it writable, or "
@@ -113,7 +111,29 @@ class RunFolder:
         handle.truncate()
         handle.write(str(os.getpid()))
         handle.flush()
-        return cls(folder, handle, created)
+        folder = cls(folder, handle, created)
+        try:
+            folder.check_writable()
+        except UsageError:
+            folder.release()
+            raise
+        return folder
+
+    def check_writable(self) -> None:
+        """Every path the run will write here takes a write now, not after training: the folder, the
+        ``config.yaml`` Lightning rewrites in it, and its ``checkpoints/`` if there is one."""
+        checkpoints = self.folder / "checkpoints"
+        probes = [(self.folder, probe_writable), (self.folder / "config.yaml", probe_file_writable)]
+        if os.path.lexists(checkpoints):
+            probes.append((checkpoints, probe_writable))
+        for path, probe in probes:
+            try:
+                probe(path)
+            except OSError as err:
+                raise UsageError(
+                    f"cannot write {path} ({err.strerror or err}): make it writable, or choose another place "
+                    "with --trainer.logger.init_args.save_dir or --checkpoint.dirpath."
+                ) from None
 
     @classmethod
     def claim_new_version(cls, parent: Path) -> "RunFolder":
@@ -166,18 +186,6 @@ def _disk_full(err: BaseException) -> bool:
     return getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(err) or (
         "inline_container" in str(err)
     )
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class NoCheckpoint(UsageError):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -27,6 +28,7 @@ from nanogpt_pl.data import CharDataModule, vocab_size_of
 from nanogpt_pl.errors import UsageError
 from nanogpt_pl.model import GPTConfig
 from nanogpt_pl.module import GPTModule
+from nanogpt_pl.optim import optimizer_members
 from nanogpt_pl.monitoring import HParamsMetric, TextSample, TokenThroughput
 from nanogpt_pl.terminal import RunSummary, TrainingBar, quiet_known_noise
 
@@ -109,6 +111,7 @@ class GPTCLI(LightningCLI):
         """
         config = self.config[self.subcommand] if self.subcommand else self.config
         self._continues_run = False  # set by _resolve_last_checkpoint
+        self._saved_optimizers = None  # set by _gate_checkpoint when fit continues a checkpoint
         self._run_folders: list[checkpoint_io.RunFolder] = []  # set by _claim_run_folders
         precision.fit_to_device(config.trainer, config.model)
         logger = config.trainer.logger
@@ -135,6 +138,7 @@ class GPTCLI(LightningCLI):
         replaced = checkpoint_gate.check_fits(path, checkpoint, GPTConfig(**config.model.config.as_dict()), vocab)
         if self.subcommand == "fit":
             checkpoint_gate.check_optimizer(path, checkpoint, config.model.get("hidden_optimizer") is not None)
+            self._saved_optimizers = checkpoint_gate.saved_optimizers(checkpoint)  # checked once built
         if replaced:
             print(f"note: the command line replaces {path}'s {', '.join(replaced)}", file=sys.stderr)
 
@@ -234,7 +238,17 @@ class GPTCLI(LightningCLI):
         """
         try:
             super().instantiate_classes()
-            self.model.configure_optimizers()
+            configured = self.model.configure_optimizers()
+            if self._saved_optimizers is not None:
+                optimizer = configured["optimizer"] if isinstance(configured, dict) else configured
+                path = self._get(self.config, "ckpt_path")
+                kept = checkpoint_gate.check_optimizer_settings(path, self._saved_optimizers, optimizer_members([optimizer]))
+                if kept:
+                    print(
+                        f"note: the resumed run keeps {path}'s optimizer settings: {'; '.join(kept)}. To train "
+                        "with other settings, start a new run (leave out --ckpt_path).",
+                        file=sys.stderr,
+                    )
             trainer = self.trainer
             interval = trainer.val_check_interval
             if isinstance(interval, (int, float)) and not interval > 0:
@@ -334,6 +348,14 @@ def main(args=None) -> None:
     except KeyboardInterrupt:  # Ctrl-C where nothing needs saving (generate), or a second one in fit
         print("\nerror: interrupted (Ctrl-C).", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # the reader of stdout went away (`generate ... | head`): quiet, as standard tools are
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more reaches the closed pipe
+        sys.exit(141)  # 128 + SIGPIPE, what a shell reports for a tool stopped by a closed pipe
+    except OSError as err:  # a file the command reads or writes refused (permissions, a full disk, ...)
+        if err.filename is None:
+            raise
+        print(f"error: cannot use {err.filename} ({err.strerror or err}).", file=sys.stderr)
+        sys.exit(1)
 
 
 def _version() -> str:

@@ -32,8 +32,18 @@ Knows nothing of Lightning or of training: files in, a memory-mappable array of 
   is below the vocabulary's size. That last check reads the ids once (``tokens.max()``): about
   7 ms per 100 MB in the page cache (0.07 s per GB), so it runs on every open rather than being
   cached; on a cold cache it costs one sequential read of the file, which training would fault
-  in anyway. Ids that are wrong but in range (a flipped bit that names another character) pass;
-  only a checksum, read in full on every run, would catch those.
+  in anyway. The entry is also checked against its text, as the build recorded it: each file's
+  size in bytes and its number of characters (which UTF-8 bounds by the size), and its first
+  and last 4 KiB decoded afresh and compared with the ids there through the vocabulary. So an
+  entry that is consistent in itself but not the text's (a count of 0, an empty vocabulary,
+  the vocabulary's characters swapped for others) is rebuilt too. What the windows do not cover
+  can still go unseen: ids that are wrong but in range in the middle of a file (a flipped bit
+  that names another character), or an edit of characters that occur only there; only a
+  checksum, read in full on every run, would catch those.
+- Only what this package wrote is ever deleted: every entry and every temporary build folder
+  holds a marker (``nanogpt_pl.files``) naming its key, and ``cache --prune``/``--clear`` and the
+  clean-up of killed builds remove a folder only when its marker names it. Lock files are opened
+  without following links.
 - Default cache dir: ``$XDG_CACHE_HOME/nanogpt_pl`` (``~/.cache/nanogpt_pl``), never beside the
   text, which may live inside an installed package.
 """
@@ -45,6 +55,7 @@ import hashlib
 import json
 import mmap
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -56,17 +67,21 @@ from typing import Iterator, Optional
 import numpy as np
 
 from nanogpt_pl.errors import UsageError
+from nanogpt_pl.files import mark, marked, open_lock, remove_marked
 
 try:  # serializes builds of one entry across processes; POSIX only
     import fcntl
 except ImportError:  # pragma: no cover - Windows: concurrent builds stay correct, only wasteful
     fcntl = None
 
-FORMAT = 1  # bump when the entry's layout changes: old entries are then simply not found
+FORMAT = 2  # bump when the entry's layout changes: old entries are then simply not found
 CHUNK_BYTES = 1 << 24  # 16 MiB of text per step of the pass: bounded memory, few Python iterations
 BOM = codecs.BOM_UTF8
 ID_TYPES = (np.uint8, np.uint16, np.uint32)
 TOKENS, VOCAB = "tokens.bin", "vocab.json"
+WINDOW = 4096  # bytes at each end of each file compared with the entry's ids on every open
+_KEY = re.compile(r"[0-9a-f]{32}")  # an entry's name: its key (cache_key)
+_LEFTOVER = re.compile(r"\.([0-9a-f]{32})\.[^.]+")  # a build's temporary folder: ".<key>.<random>"
 
 
 @dataclass(frozen=True)
@@ -115,20 +130,24 @@ def load_corpus(data_path: str | os.PathLike, cache_dir: Optional[str | os.PathL
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     entry = root / cache_key(files)
     try:
-        opened = _open(entry)
+        opened = _open(entry, files)
     except _Damaged:
         opened = None  # repaired below, under the lock, once no other process is at it
     if opened is None:
         with _writable(root), build_lock(root, entry.name):
-            _remove_leftovers(root, entry.name)
+            remove_leftovers(root, held=entry.name)
             try:
-                opened = _open(entry)  # another process may have built it while we waited
+                opened = _open(entry, files)  # another process may have built it while we waited
             except _Damaged as why:
                 print(f"note: the token cache entry {entry} is damaged ({why}); rebuilding it.", file=sys.stderr)
-                shutil.rmtree(entry)
+                if not remove_marked(entry, entry.name):
+                    raise UsageError(
+                        f"{entry} is in the way of the token cache and was not written by nanogpt_pl: move it "
+                        "away, or set data.cache_dir to a folder of its own."
+                    ) from None
             if opened is None:
                 _build(path, files, entry)
-                opened = _open(entry)
+                opened = _open(entry, files)
     meta, tokens = opened
     if meta["n_tokens"] == 0:
         what = "data folder" if path.is_dir() else "data file"
@@ -140,22 +159,36 @@ class _Damaged(Exception):
     """An entry that exists but cannot be trusted; its message says why, for the note."""
 
 
-def _open(entry: Path) -> Optional[tuple[dict, np.ndarray]]:
-    """The entry's metadata and memory-mapped ids; None if there is no entry; ``_Damaged`` if it is wrong."""
-    if not entry.exists():
-        return None
+def read_meta(entry: Path) -> dict:
+    """An entry's ``vocab.json``, checked for every field and its type; ``_Damaged`` otherwise."""
     try:
         meta = json.loads((entry / VOCAB).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise _Damaged(f"{VOCAB} is missing") from None
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise _Damaged(f"{VOCAB} is unreadable: {err}") from None
-    fields = {"vocab": str, "dtype": str, "n_tokens": int, "sources": list}
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise _Damaged(f"{VOCAB} is unreadable: {type(err).__name__}") from None
+    fields = {"vocab": str, "dtype": str, "n_tokens": int, "sources": list, "files": list}
     if not isinstance(meta, dict) or any(type(meta.get(k)) is not t for k, t in fields.items()):
         raise _Damaged(f"{VOCAB} lacks one of {', '.join(fields)} or has the wrong type")
     vocab, dtype, n_tokens = meta["vocab"], meta["dtype"], meta["n_tokens"]
     if dtype not in [np.dtype(t).name for t in ID_TYPES] or n_tokens < 0 or list(vocab) != sorted(set(vocab)):
         raise _Damaged(f"{VOCAB} has an unknown id type, a negative count or an unsorted vocabulary")
+    counts = meta["files"]
+    if not all(isinstance(c, dict) and all(type(c.get(k)) is int for k in ("bytes", "tokens")) for c in counts) or (
+        sum(c["tokens"] for c in counts) != n_tokens or len(counts) != len(meta["sources"])
+    ):
+        raise _Damaged(f"{VOCAB}'s per-file counts do not add up to its {n_tokens} tokens")
+    return meta
+
+
+def _open(entry: Path, files: list[Path]) -> Optional[tuple[dict, np.ndarray]]:
+    """The entry's metadata and memory-mapped ids; None if there is no entry; ``_Damaged`` if it is wrong."""
+    if not os.path.lexists(entry):
+        return None
+    if not marked(entry, entry.name):
+        raise _Damaged("it holds no nanogpt_pl marker")
+    meta = read_meta(entry)
+    vocab, dtype, n_tokens = meta["vocab"], meta["dtype"], meta["n_tokens"]
     expected = n_tokens * np.dtype(dtype).itemsize
     try:
         size = (entry / TOKENS).stat().st_size
@@ -164,29 +197,105 @@ def _open(entry: Path) -> Optional[tuple[dict, np.ndarray]]:
     if size != expected:
         raise _Damaged(f"{TOKENS} has {size} bytes, not {expected}")
     if n_tokens == 0:  # an empty text: nothing to map (mmap refuses an empty file)
-        return meta, np.zeros(0, dtype=dtype)
-    try:
-        with open(entry / TOKENS, "rb") as f:
-            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    except OSError as err:
-        raise _Damaged(f"{TOKENS} is unreadable: {err.strerror or err}") from None
-    tokens = np.frombuffer(mapped, dtype=dtype, count=n_tokens)
-    if int(tokens.max()) >= len(vocab):  # read before MADV_RANDOM: one sequential pass, with read-ahead
-        raise _Damaged(f"{TOKENS} holds ids beyond the {len(vocab)}-character vocabulary")
-    if hasattr(mmap, "MADV_RANDOM"):
-        # Blocks are read at random offsets: without this, each fault on a corpus that is not in
-        # the page cache reads ahead (8 MB on some disks) far more than the block it needs.
-        mapped.madvise(mmap.MADV_RANDOM)
+        tokens = np.zeros(0, dtype=dtype)
+    else:
+        try:
+            with open(entry / TOKENS, "rb") as f:
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError as err:
+            raise _Damaged(f"{TOKENS} is unreadable: {err.strerror or err}") from None
+        tokens = np.frombuffer(mapped, dtype=dtype, count=n_tokens)
+        if int(tokens.max()) >= len(vocab):  # read before MADV_RANDOM: one sequential pass, with read-ahead
+            raise _Damaged(f"{TOKENS} holds ids beyond the {len(vocab)}-character vocabulary")
+        if hasattr(mmap, "MADV_RANDOM"):
+            # Blocks are read at random offsets: without this, each fault on a corpus that is not in
+            # the page cache reads ahead (8 MB on some disks) far more than the block it needs.
+            mapped.madvise(mmap.MADV_RANDOM)
+    _check_against_text(meta, tokens, files)
     return meta, tokens
 
 
-def _remove_leftovers(root: Path, key: str) -> None:
-    """The temporary folders that killed builds of ``key`` left; the caller holds the key's lock."""
+def _check_against_text(meta: dict, tokens: np.ndarray, files: list[Path]) -> None:
+    """The entry describes these files: their sizes, plausible character counts, and the same
+    characters as the ids at both ends of each file (see the module docstring for what it cannot see)."""
+    vocab = meta["vocab"]
+    if len(meta["files"]) != len(files):
+        raise _Damaged(f"it records {len(meta['files'])} files, the data has {len(files)}")
+    offset = 0
+    for path, counts in zip(files, meta["files"]):
+        head, tail, n_bytes = _ends(path)
+        n = counts["tokens"]
+        if counts["bytes"] != path.stat().st_size or not (n_bytes + 3) // 4 <= n <= n_bytes:
+            raise _Damaged(f"its counts for {path.name} ({n} characters in {counts['bytes']} bytes) are not the text's")
+        for text, start in ((head, offset), (tail, offset + n - len(tail))):
+            ids = tokens[max(start, 0) : start + len(text)]
+            if len(ids) != len(text) or "".join(vocab[i] for i in ids.tolist()) != text:
+                raise _Damaged(f"its ids do not spell {path.name}'s text")
+        offset += n
+
+
+def _ends(path: Path) -> tuple[str, str, int]:
+    """A file's first and last ``WINDOW`` bytes as whole characters, and its size without a BOM."""
+    try:
+        with open(path, "rb") as f:
+            start = len(BOM) if f.read(len(BOM)) == BOM else 0
+            size = os.fstat(f.fileno()).st_size
+            f.seek(start)
+            head = codecs.getincrementaldecoder("utf-8")().decode(f.read(WINDOW))  # drops a cut character
+            f.seek(max(start, size - WINDOW))
+            raw = f.read()
+            cut = 0
+            while cut < len(raw) and raw[cut] & 0xC0 == 0x80:  # a character begun before the window
+                cut += 1
+            return head, raw[cut:].decode("utf-8"), size - start
+    except (OSError, UnicodeDecodeError) as err:
+        raise _Damaged(f"{path} reads differently now ({type(err).__name__})") from None
+
+
+def remove_leftovers(root: Path, held: Optional[str] = None) -> list[Path]:
+    """Remove the temporary folders that killed builds left (of key ``held``, whose build lock the
+    caller holds, and of any key whose lock is free: no live builder owns them); returns the ones
+    still being built."""
+    busy = []
     if fcntl is None:  # no lock, so a leftover may be a live builder's: leave them all
-        return
-    for leftover in root.glob(f".{key}.*"):
-        if leftover.is_dir():  # not the lock file
-            shutil.rmtree(leftover, ignore_errors=True)
+        return busy
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return busy
+    for name in names:
+        match = _LEFTOVER.fullmatch(name)
+        if not match or not marked(root / name, match[1]):
+            continue
+        try:
+            if match[1] == held:
+                remove_marked(root / name, held)
+                continue
+            with build_lock(root, match[1], wait=False):
+                remove_marked(root / name, match[1])
+        except BlockingIOError:
+            busy.append(root / name)
+        except (OSError, UsageError):
+            continue
+    return busy
+
+
+def entries(root: Path) -> list[Path]:
+    """The cache's entries: real folders (no links) named as keys and marked by this package."""
+    try:
+        names = sorted(os.listdir(root))
+    except OSError:
+        return []
+    return [root / name for name in names if _KEY.fullmatch(name) and marked(root / name, name)]
+
+
+def leftovers(root: Path) -> list[Path]:
+    """The marked temporary folders of builds, finished by a kill or still running."""
+    try:
+        names = sorted(os.listdir(root))
+    except OSError:
+        return []
+    return [root / n for n in names if (m := _LEFTOVER.fullmatch(n)) and marked(root / n, m[1])]
 
 
 def _umask() -> int:
@@ -210,13 +319,17 @@ def _writable(root: Path) -> Iterator[None]:
 
 
 @contextmanager
-def build_lock(root: Path, key: str) -> Iterator[None]:
-    """One builder per entry: other processes (runs started at once, or torchrun's ranks) wait for it."""
+def build_lock(root: Path, key: str, wait: bool = True) -> Iterator[None]:
+    """One builder per entry: other processes (runs started at once, or torchrun's ranks) wait for it.
+
+    ``wait=False``: ``BlockingIOError`` if another process holds it. Opened read-only, so users who
+    share the cache need no write permission on each other's lock files.
+    """
     if fcntl is None:
         yield
         return
-    with open(root / f".{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with open_lock(root / f".{key}.lock") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         try:
             yield
         finally:
@@ -227,17 +340,19 @@ def _build(path: Path, files: list[Path], entry: Path) -> None:
     """Read the text once into ``entry``; nothing is left behind unless the whole entry is complete."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
     try:
+        mark(tmp, entry.name)  # first: a kill from here on leaves a folder the clean-up may remove
         for id_type in ID_TYPES:
             try:
-                chars, n_tokens = _encode(files, tmp / TOKENS, id_type)
+                chars, counts = _encode(files, tmp / TOKENS, id_type)
                 break
             except _VocabularyOverflow:  # more characters than id_type holds: once more, wider
                 continue
         meta = {
             "vocab": chars,
             "dtype": np.dtype(id_type).name,
-            "n_tokens": n_tokens,
+            "n_tokens": sum(counts),
             "sources": [str(p.resolve()) for p in files],
+            "files": [{"bytes": p.stat().st_size, "tokens": n} for p, n in zip(files, counts)],
         }
         with open(tmp / VOCAB, "w", encoding="utf-8") as f:
             json.dump(meta, f)
@@ -259,18 +374,18 @@ class _VocabularyOverflow(Exception):
     pass
 
 
-def _encode(files: list[Path], out: Path, id_type) -> tuple[str, int]:
+def _encode(files: list[Path], out: Path, id_type) -> tuple[str, list[int]]:
     """One pass over the text: provisional ids (in order of first appearance) to ``out``, then renumbered.
 
-    Returns the sorted vocabulary and the number of tokens.
+    Returns the sorted vocabulary and each file's number of tokens.
     """
     capacity = np.iinfo(id_type).max + 1
     seen = np.zeros(0x110000, dtype=bool)
     provisional = np.zeros(0x110000, dtype=id_type)  # codepoint -> provisional id, where seen
     order: list[int] = []  # codepoints by provisional id
-    n_tokens = 0
+    counts = [0] * len(files)
     with open(out, "wb") as f:
-        for codepoints in _codepoints(files):
+        for index, codepoints in _codepoints(files):
             if codepoints.dtype == np.uint8:  # ASCII: mark the characters present
                 present = np.zeros(256, dtype=bool)
                 present[codepoints] = True
@@ -283,9 +398,10 @@ def _encode(files: list[Path], out: Path, id_type) -> tuple[str, int]:
                 seen[cp], provisional[cp] = True, len(order)
                 order.append(cp)
             provisional[codepoints].tofile(f)
-            n_tokens += len(codepoints)
+            counts[index] += len(codepoints)
         f.flush()
         os.fsync(f.fileno())
+    n_tokens = sum(counts)
     # Renumber: provisional id -> index in the sorted vocabulary.
     renumber = np.empty(len(order), dtype=id_type)
     renumber[np.argsort(np.array(order, dtype=np.int64), kind="stable")] = np.arange(len(order), dtype=id_type)
@@ -296,12 +412,12 @@ def _encode(files: list[Path], out: Path, id_type) -> tuple[str, int]:
             tokens[start : start + step] = renumber[tokens[start : start + step]]
         tokens.flush()
         del tokens
-    return "".join(chr(cp) for cp in sorted(order)), n_tokens
+    return "".join(chr(cp) for cp in sorted(order)), counts
 
 
-def _codepoints(files: list[Path]) -> Iterator[np.ndarray]:
-    """The corpus's characters as arrays of codepoints, a chunk at a time; a bad byte is one line."""
-    for path in files:
+def _codepoints(files: list[Path]) -> Iterator[tuple[int, np.ndarray]]:
+    """The corpus's characters as (file index, array of codepoints), a chunk at a time; a bad byte is one line."""
+    for index, path in enumerate(files):
         decoder = codecs.getincrementaldecoder("utf-8")()
         with open(path, "rb") as f:
             offset = len(BOM) if f.read(len(BOM)) == BOM else 0  # a leading BOM is not text
@@ -311,7 +427,7 @@ def _codepoints(files: list[Path]) -> Iterator[np.ndarray]:
                 pending = decoder.getstate()[0]
                 if not pending and chunk.isascii():  # fast path: ASCII bytes are their codepoints
                     if chunk:
-                        yield np.frombuffer(chunk, dtype=np.uint8)
+                        yield index, np.frombuffer(chunk, dtype=np.uint8)
                 else:
                     try:
                         text = decoder.decode(chunk, final=not chunk)
@@ -321,7 +437,7 @@ def _codepoints(files: list[Path]) -> Iterator[np.ndarray]:
                             "convert it to UTF-8."
                         ) from None
                     if text:
-                        yield np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+                        yield index, np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
                 if not chunk:
                     break
                 offset += len(chunk)

@@ -15,7 +15,7 @@ from nanogpt_pl import steps
 from nanogpt_pl.data import SPLITS
 from nanogpt_pl.errors import UsageError
 from nanogpt_pl.model import GPT, GPTConfig
-from nanogpt_pl.optim import CombinedOptimizer, hidden_matrices
+from nanogpt_pl.optim import CombinedOptimizer, hidden_matrices, optimizer_members
 
 # The estimate of each split, as the lecture's ``estimate_loss`` prints it.
 EVAL_TAGS = {"train": "train/loss_eval", "val": "val/loss"}
@@ -137,6 +137,11 @@ class GPTModule(L.LightningModule):
         self.trainer.callback_metrics.pop("step", None)
 
     test_step = validation_step
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Which optimizers the state belongs to, so a resume with another one is refused by name
+        # (nanogpt_pl.checkpoint_gate) before its state is poured into the wrong update rule.
+        checkpoint["optimizer_names"] = [type(o).__name__ for o in optimizer_members(self.trainer.optimizers)]
 
     def configure_optimizers(self):
         if self.hidden_optimizer is None:

@@ -155,3 +155,8 @@ class LinearWarmdown(LambdaLR):
             return 1.0 - (1.0 - final_factor) * progress
 
         super().__init__(optimizer, factor, last_epoch)
+
+
+def optimizer_members(optimizers) -> list[Optimizer]:
+    """The plain optimizers behind a run's optimizers: a ``CombinedOptimizer``'s members, in order."""
+    return [m for o in optimizers for m in (o.optimizers if isinstance(o, CombinedOptimizer) else [o])]

@@ -6,10 +6,11 @@ writes)."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import statistics
 from pathlib import Path
+
+from nanogpt_pl.files import write_atomic, write_text_atomic
 
 # The figures' versions: the lecture's (v1 .. v7, and v7_cpu), and the path after it, one change
 # per step (v7_cpu, v7_cpu_1_rope, ..., v8_cpu; v8 on a GPU). The one-change ablations
@@ -25,12 +26,12 @@ def write_report(records: dict[str, dict], out: Path, headers: dict[str, dict]) 
     """
     out.mkdir(parents=True, exist_ok=True)
     records = dict(sorted(records.items()))
-    _write_atomic(out / "results.json", json.dumps(records, indent=1) + "\n")
-    _write_atomic(out / "results.md", results_table(records, headers))
+    write_text_atomic(out / "results.json", json.dumps(records, indent=1) + "\n")
+    write_text_atomic(out / "results.md", results_table(records, headers))
     for pattern, name, title in ((LECTURE, "val_loss.png", "the lecture's versions"),
                                  (AFTER_LECTURE, "after_lecture.png", "after the lecture, one change per step")):
         plot_val_loss({v: r for v, r in records.items() if pattern.fullmatch(v)}, out / name, title)
-    _write_atomic(out / "samples.md", samples_gallery(records))
+    write_text_atomic(out / "samples.md", samples_gallery(records))
 
 
 def samples_gallery(records: dict[str, dict]) -> str:
@@ -118,13 +119,7 @@ def plot_val_loss(records: dict[str, dict], path: Path, title: str) -> None:
     if records:
         ax.legend(ncol=2, fontsize="small")
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        write_atomic(path, lambda f: fig.savefig(f, format="png"))
+    finally:
+        plt.close(fig)

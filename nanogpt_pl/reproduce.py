@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import multiprocessing
 import os
 import platform
 import re
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -32,6 +33,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from nanogpt_pl import resources
 from nanogpt_pl.cli import cli
 from nanogpt_pl.errors import UsageError
+from nanogpt_pl.files import write_text_atomic
 from nanogpt_pl.generate import load_checkpoint, sample
 from nanogpt_pl.module import EVAL_TAGS
 from nanogpt_pl.report import write_report
@@ -79,9 +81,14 @@ def reproduce(
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a folder: choose a folder for the results (it is created if missing).")
     _check_writable(out)  # now, not after hours of training
+    with _lock_out(out):  # one reproduction per folder, from before anything in it is cleared
+        _reproduce(chosen, seed_list, seeds, out, Path(configs), max_steps, eval_iters, samples_only, jobs)
+
+
+def _reproduce(chosen, seed_list, seeds, out, configs, max_steps, eval_iters, samples_only, jobs) -> None:
     results_path = out / "results.json"
     records = _load_records(results_path)  # a damaged file is reported now, not after hours of training
-    headers = {path.stem: read_header(path) for path in sorted(Path(configs).glob("*.yaml"))}
+    headers = {path.stem: read_header(path) for path in sorted(configs.glob("*.yaml"))}
     if samples_only:
         _resample(chosen, records, out, headers)
         return
@@ -96,49 +103,221 @@ def reproduce(
 
     pairs = [(config, seed) for config in chosen for seed in seed_list]
     runs = [
-        (config, seed, out / "runs", f"[{i}/{len(pairs)}] {config.stem} seed {seed}", overrides)
+        (str(config), seed, str(out / "runs"), f"[{i}/{len(pairs)}] {config.stem} seed {seed}", overrides)
         for i, (config, seed) in enumerate(pairs, 1)
     ]
-    finished = {}
-    with _runner(min(jobs, len(runs))) as run_all:  # in the table's order, whichever process finishes first
-        done = run_all(runs)
-        for config in chosen:
-            finished[config.stem] = _record(config, [next(done) for _ in seed_list], command)
-            finished[config.stem]["sample"] = gallery_sample(out, config.stem, seed_list[0])
-            # After every version, so an interrupted reproduction keeps what it finished; the folder's
-            # other records are re-read each time, so they survive another reproduce writing there.
-            write_report({**_load_records(results_path), **finished}, out, headers)
+    done: dict[int, dict] = {}  # run index -> its figures
+    recorded: dict[str, dict] = {}
+
+    def record(partial: bool = False) -> None:
+        """Each version whose runs are all done (``partial``: each with any done) into the reports."""
+        for v, config in enumerate(chosen):
+            finished = [done[i] for i in range(v * len(seed_list), (v + 1) * len(seed_list)) if i in done]
+            if config.stem in recorded or not finished or (len(finished) < len(seed_list) and not partial):
+                continue
+            recorded[config.stem] = _record(config, finished, command)
+            recorded[config.stem]["sample"] = gallery_sample(out, config.stem, finished[0]["seed"])
+            # The folder's other records are re-read each time, so they survive another reproduce
+            # having written there before this one.
+            write_report({**_load_records(results_path), **recorded}, out, headers)
+
+    def finish(index: int, figures: dict) -> None:
+        done[index] = figures
+        record()  # after every version, so an interrupted reproduction keeps what it finished
+
+    try:
+        _run_all(runs, min(jobs, len(runs)), finish)
+    except RunsEnded as ended:
+        record(partial=True)
+        recorded_in = f", recorded in {results_path}" if done else ""
+        saved = (f"; {len(ended.stopped)} stopped with a last.ckpt ({', '.join(ended.stopped)}: a rerun of reproduce "
+                 "trains them again from step 0)") if ended.stopped else ""
+        not_started = len(runs) - len(done) - len(ended.stopped) - ended.failed
+        print(f"reproduce {ended.why}. {len(done)} of {len(runs)} runs finished{recorded_in}{saved}; "
+              f"{not_started} not started.", file=sys.stderr, flush=True)
+        if ended.failed:
+            sys.exit(1)
+        raise SIGTERMException from None
     _print_outputs(out)
 
 
+class RunsEnded(Exception):
+    """The reproduction ended early: asked to stop, or one run failed (``failed``) and the others
+    were stopped; ``stopped`` names the runs that stopped with their last.ckpt."""
+
+    def __init__(self, why: str, stopped: list[str], failed: bool = False) -> None:
+        super().__init__(why)
+        self.why, self.stopped, self.failed = why, stopped, failed
+
+
+def _name(run: tuple) -> str:
+    return f"{Path(run[0]).stem} seed {run[1]}"
+
+
 @contextlib.contextmanager
-def _runner(jobs: int):
-    """``run_all(runs)``: an iterator over each run's ``_run`` result, in order; with ``jobs`` > 1 from
-    that many one-thread processes. A failure or stop in one ends the reproduction: the runs still
-    training are stopped as a stopped fit is (each writes its last.ckpt), then the error propagates."""
-    if jobs == 1:
-        yield lambda runs: map(_run_packed, runs)
-        return
-    # spawn: a fresh interpreter per process, as safe with threads and CUDA as a separate command.
-    pool = multiprocessing.get_context("spawn").Pool(jobs, initializer=_one_thread)
+def _lock_out(out: Path):
+    """Hold a lock on the folder ``out`` for the whole reproduction: a second one into the same folder
+    is refused in one line, and the first is untouched (its run folders are cleared only under it).
+    The lock is the folder's own (``flock`` on its descriptor), so no file is left behind."""
+    import fcntl
+
+    fd = os.open(out, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
-        yield lambda runs: pool.imap(_run_packed, runs)
-    except BaseException as err:
-        if not isinstance(err, KeyboardInterrupt):  # Ctrl-C reached every process of the terminal already
-            for process in multiprocessing.active_children():
-                os.kill(process.pid, signal.SIGTERM)
-        raise
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(
+                f"{out} is in use by another reproduce: wait for it to finish, stop it, or choose another --out."
+            ) from None
+        yield
     finally:
-        pool.close()
-        pool.join()
+        os.close(fd)
 
 
-def _one_thread() -> None:
+class _StopRequests:
+    """SIGINT, SIGTERM and SIGHUP to the reproduction: the first stops it as a stopped fit stops
+    (the running runs at the end of their step, with their last.ckpt; no new run starts); a second
+    Ctrl-C quits at once. A fit running in this process handles them itself while it trains."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "_StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.signum = signum
+        print(
+            f"received {signal.Signals(signum).name}: stopping every running run at the end of its step (each "
+            "writes its last.ckpt) and starting no new one (press Ctrl-C again to quit at once).",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _run_all(runs: list[tuple], jobs: int, finish) -> None:
+    """Train every run, calling ``finish(index, figures)`` as each one ends; with ``jobs`` > 1 in that
+    many one-thread processes at once. A stop request or a failed run ends it (``RunsEnded``) once
+    every running run has stopped with its checkpoint."""
+    with _StopRequests() as requests:
+        if jobs == 1:
+            for index, run in enumerate(runs):
+                if requests.signum is not None:
+                    raise RunsEnded(f"stopped by {signal.Signals(requests.signum).name}", [])
+                try:
+                    figures = _run(*run)
+                except SIGTERMException:  # the fit in this process stopped, with its checkpoint
+                    raise RunsEnded("stopped", [_name(run)]) from None
+                except UsageError as err:  # the run's own error line, with what was recorded before it
+                    raise RunsEnded(f"stopped: {_name(run)} failed (error: {err})", [], failed=True) from None
+                finish(index, figures)
+            return
+        _run_parallel(runs, jobs, finish, requests)
+
+
+def _run_parallel(runs: list[tuple], jobs: int, finish, requests: _StopRequests) -> None:
+    """The runs in worker processes, each in a session of its own: a Ctrl-C in the terminal reaches
+    only this process, which stops the workers with one SIGTERM each (what a stopped fit needs), and a
+    worker whose parent dies is sent SIGTERM by the kernel (Linux), so none trains on alone."""
+    pending = list(enumerate(runs))
+    running: dict[int, tuple[subprocess.Popen, Path, Path]] = {}
+    told: set[int] = set()  # the workers sent their SIGTERM
+    scratch = Path(tempfile.mkdtemp(prefix="nanogpt_pl-reproduce-"))
+    failure: Optional[str] = None
+    stopped: list[int] = []  # indices of the runs that stopped with their checkpoint
+    try:
+        while True:
+            ending = requests.signum is not None or failure is not None
+            if not running and (ending or not pending):
+                break
+            while pending and len(running) < jobs and not ending:
+                index, run = pending.pop(0)
+                result, err = scratch / f"{index}.json", scratch / f"{index}.err"
+                running[index] = (_start_worker(run, result, err), result, err)
+            for index, (proc, result, err) in list(running.items()):
+                if proc.poll() is None:
+                    if ending and index not in told:
+                        proc.send_signal(signal.SIGTERM)
+                        told.add(index)
+                    continue
+                del running[index]
+                if proc.returncode == 0 and result.is_file():
+                    finish(index, json.loads(result.read_text(encoding="utf-8")))
+                elif ending:
+                    stopped.append(index)
+                else:
+                    failure = f"{_name(runs[index])} failed ({_last_line(err) or f'exit code {proc.returncode}'})"
+            time.sleep(0.05)
+    finally:
+        for proc, _, _ in running.values():  # only left on a second Ctrl-C or an error of our own
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(scratch, ignore_errors=True)
+    stopped = [_name(runs[i]) for i in sorted(stopped)]
+    if failure is not None:
+        raise RunsEnded(f"stopped: {failure}", stopped, failed=True)
+    if requests.signum is not None:
+        raise RunsEnded(f"stopped by {signal.Signals(requests.signum).name}", stopped)
+
+
+def _start_worker(run: tuple, result: Path, err: Path) -> subprocess.Popen:
+    """``_worker`` for one run in a fresh interpreter that imports this very package."""
+    package_root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    with open(err, "wb") as stderr:
+        return subprocess.Popen(
+            [sys.executable, "-c", "from nanogpt_pl.reproduce import _worker; _worker()",
+             json.dumps(run), str(result), str(os.getpid())],
+            env=env, stderr=stderr, start_new_session=True,
+        )
+
+
+def _worker() -> None:
+    """One run of a parallel reproduction: its figures to the result file, or an error line on stderr."""
+    run, result, parent = json.loads(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+    _end_with_parent(parent)
     torch.set_num_threads(1)
+    try:
+        figures = _run(*run)
+    except SIGTERMException:
+        sys.exit(1)
+    except Exception as err:  # the parent shows this line as the run's failure
+        print(f"\n{'error' if isinstance(err, UsageError) else type(err).__name__}: {err}", file=sys.stderr)
+        sys.exit(2)
+    write_text_atomic(result, json.dumps(figures))
 
 
-def _run_packed(run: tuple) -> dict:
-    return _run(*run)
+def _end_with_parent(parent: int) -> None:
+    """SIGTERM to this process when its parent dies (Linux's PR_SET_PDEATHSIG): it stops as a stopped fit."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        sys.exit(1)
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
 
 
 def _check_writable(out: Path) -> None:
@@ -275,10 +454,14 @@ def _select(configs: Path, versions: Optional[str]) -> list[Path]:
     return [available[name] for name in dict.fromkeys(names)]
 
 
-def _run(config: Path, seed: int, runs_dir: Path, label: str, overrides: list[str]) -> dict:
+def _run(config: str | Path, seed: int, runs_dir: str | Path, label: str, overrides: list[str]) -> dict:
     """One ``fit`` through the same command line users run, then its final estimates from TensorBoard."""
+    config, runs_dir = Path(config), Path(runs_dir)  # as strings in a worker's arguments
     run_dir = runs_dir / config.stem / f"seed{seed}"
-    # A TensorBoard run folder accumulates event files: start clean so only this run is read back.
+    # A TensorBoard run folder accumulates event files: start clean so only this run is read back
+    # (the results folder is locked, so no other reproduction is using it).
+    if run_dir.is_symlink():
+        raise UsageError(f"{run_dir} is a symbolic link: remove it, so that the run is written in {runs_dir}.")
     shutil.rmtree(run_dir, ignore_errors=True)
     progress = {"class_path": f"{__name__}.RunProgress", "init_args": {"label": label}}
     args = [
@@ -299,14 +482,6 @@ def _run(config: Path, seed: int, runs_dir: Path, label: str, overrides: list[st
     argv, sys.argv = sys.argv, sys.argv[:1]
     try:
         trainer = cli(args=args).trainer
-    except SIGTERMException:
-        # fit has just said how to continue this one run by hand; a rerun of reproduce does not.
-        print(
-            f"reproduce stopped during {config.stem} seed {seed}: a rerun of reproduce trains that run "
-            f"again from step 0 (it clears {run_dir}).",
-            file=sys.stderr,
-        )
-        raise
     finally:
         sys.argv = argv
     wall = time.perf_counter() - start

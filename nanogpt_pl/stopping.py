@@ -52,14 +52,18 @@ class GracefulStop(Callback):
         self._previous: dict[int, Any] = {}
         self._received: Optional[int] = None
         self._requeue_signal: Optional[int] = None
+        self._auto_requeue = False
         self._stopping = False  # agreed by every process: stop at the end of this step
         self._requeue = False  # agreed as well: requeue the SLURM job once the checkpoint is written
         self._finishing = False  # the last step is done: the run ends as planned, signals or not
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         environment = trainer._accelerator_connector.cluster_environment
-        slurm = isinstance(environment, SLURMEnvironment) and environment.auto_requeue
+        slurm = isinstance(environment, SLURMEnvironment)
+        # SLURM's warning signal stops the run whether or not it requeues: left at its default
+        # action (auto_requeue off), it would kill the process without a checkpoint.
         self._requeue_signal = environment.requeue_signal if slurm else None
+        self._auto_requeue = slurm and environment.auto_requeue
         # Lightning 2.6 broadcasts process 0's SIGTERM flag before every training batch of a
         # multi-process run (_TrainingEpochLoop._broadcast_sigterm_tensor): a collective and a host
         # sync per step, met by the processes at different points when a stop is under way (a hang).
@@ -88,7 +92,9 @@ class GracefulStop(Callback):
         if self._finishing:
             print(f"received {name} after the last step: finishing the run.", file=sys.stderr, flush=True)
             return
-        then = ", then requeueing the SLURM job" if signum == self._requeue_signal else ""
+        then = ""
+        if signum == self._requeue_signal:
+            then = ", then requeueing the SLURM job" if self._auto_requeue else " (requeueing is off: auto_requeue false)"
         print(
             f"received {name}: stopping at the end of this step (with several processes: of the next "
             f"logging step or estimate) and writing a checkpoint{then} (press Ctrl-C again to quit at "
@@ -109,7 +115,7 @@ class GracefulStop(Callback):
             self._finishing = True  # the final estimate and its checkpoints follow, then the end
             return
         wish = self.GO_ON if self._received is None else self.STOP
-        if self._received is not None and self._received == self._requeue_signal:
+        if self._received is not None and self._received == self._requeue_signal and self._auto_requeue:
             wish = self.REQUEUE
         agreed = steps.reduce(trainer, wish, "max")
         if agreed != self.GO_ON:
@@ -167,8 +173,9 @@ class GracefulStop(Callback):
 def _requeue_slurm_job(saved: bool) -> None:
     """``scontrol requeue`` this job (array task), as Lightning's own SLURM handler does, once the
     stop's checkpoint is on disk; the requeued script's ``--ckpt_path auto`` continues from it."""
-    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
-    job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ.get("SLURM_JOB_ID")
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    # An array task is <array job>_<task>; with either variable missing, the job's own id names it.
+    job = f"{array_job}_{task}" if array_job and task else os.environ.get("SLURM_JOB_ID")
     if not job:
         _say("could not requeue: SLURM_JOB_ID is not set; resubmit the job (it continues with --ckpt_path auto).")
         return

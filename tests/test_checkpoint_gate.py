@@ -169,3 +169,53 @@ def test_a_run_folder_that_cannot_be_written_is_one_line(tmp_path, capsys):
 def test_a_refused_fit_leaves_no_run_folder(tmp_path, small_text, capsys, mistake):
     line = _fails(capsys, tmp_path, ["fit", *V2, "--data.data_path", str(small_text), *TINY, *mistake])
     assert ("seed_everything" in line) == ("--seed_everything" in mistake), line
+
+
+def test_a_run_file_that_cannot_be_written_is_one_line_before_training(tmp_path, capsys):
+    text = fit_in(tmp_path, *V2, *TINY)
+    config = tmp_path / "tb_logs/v2/version_0/config.yaml"
+    config.unlink()
+    config.mkdir()  # Lightning's rewrite of config.yaml fails, as on a read-only file
+    line = _fails(capsys, tmp_path, ["fit", *V2, "--data.data_path", str(text), *TINY, "--trainer.max_steps", "6",
+                                     "--ckpt_path", "last"])
+    assert "cannot write tb_logs/v2/version_0/config.yaml (Is a directory)" in line
+
+
+def test_a_read_only_checkpoint_folder_is_one_line_before_training(tmp_path, capsys, monkeypatch):
+    text = fit_in(tmp_path, *V2, *TINY)
+    checkpoints = tmp_path / "tb_logs/v2/version_0/checkpoints"
+    real_open = os.open
+
+    def refusing_open(path, flags, *args, **kwargs):  # the OS's answer for a folder without write permission
+        if Path(os.path.abspath(path)).parent == checkpoints and flags & os.O_CREAT:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    line = _fails(capsys, tmp_path, ["fit", *V2, "--data.data_path", str(text), *TINY, "--trainer.max_steps", "6",
+                                     "--ckpt_path", "last"])
+    assert "cannot write tb_logs/v2/version_0/checkpoints (Permission denied)" in line
+
+
+def test_resuming_with_another_optimizer_is_refused_before_building(trained, capsys):
+    root, text, last = trained
+    line = _fails(capsys, root, ["fit", *V2, "--data.data_path", str(text), *TINY, "--ckpt_path", str(last),
+                                 "--model.optimizer", "torch.optim.SGD", "--model.optimizer.init_args.lr", "0.1"])
+    assert f"{last} was trained with AdamW and this run has SGD" in line
+
+
+def test_a_changed_optimizer_setting_on_resume_says_the_checkpoints_is_kept(trained, tmp_path, capsys):
+    import shutil
+
+    root, text, _ = trained
+    shutil.copytree(root, tmp_path / "run")
+    cwd = os.getcwd()
+    os.chdir(tmp_path / "run")
+    try:
+        main(["fit", *V2, "--data.data_path", str(text), *TINY, "--trainer.max_steps", "6", "--ckpt_path", "last",
+              "--model.optimizer.init_args.lr", "0.5"])
+    finally:
+        os.chdir(cwd)
+    notes = [line for line in capsys.readouterr().err.splitlines() if "optimizer settings" in line]
+    assert len(notes) == 1 and "AdamW lr 0.001 (this run: 0.5)" in notes[0], notes
+    assert "start a new run (leave out --ckpt_path)" in notes[0]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import CONFIGS, SHAKESPEARE, TINY
-from nanogpt_pl import corpus
+from nanogpt_pl import corpus, files
 from nanogpt_pl.cli import main
 from nanogpt_pl.corpus import load_corpus
 from nanogpt_pl.data import CharDataModule, CharTokenizer, vocab_size_of
@@ -119,6 +119,17 @@ DAMAGE = {
     "vocab.json without a field": (
         lambda e: vocab_of(e).write_text(json.dumps({k: v for k, v in json.loads(vocab_of(e).read_text()).items()
                                                      if k != "dtype"})), "lacks one of"),
+    "vocab.json nested 200,000 deep": (lambda e: vocab_of(e).write_text("[" * 200_000 + "]" * 200_000),
+                                       "vocab.json is unreadable: RecursionError"),
+    "a consistent record of an empty text": (
+        lambda e: (tokens_of(e).write_bytes(b""), vocab_of(e).write_text(json.dumps(
+            {**json.loads(vocab_of(e).read_text()), "vocab": "", "n_tokens": 0,
+             "files": [{**json.loads(vocab_of(e).read_text())["files"][0], "tokens": 0}]}))),
+        "its counts for t.txt (0 characters"),
+    "a vocabulary of other characters, as many": (
+        lambda e: vocab_of(e).write_text(json.dumps({**json.loads(vocab_of(e).read_text()), "vocab": "".join(
+            sorted(chr(ord(c) + 0x400) for c in json.loads(vocab_of(e).read_text())["vocab"]))})),
+        "its ids do not spell t.txt's text"),
     "vocab.json with a shorter vocabulary": (
         lambda e: vocab_of(e).write_text(json.dumps({**json.loads(vocab_of(e).read_text()), "vocab": "\n "})),
         "ids beyond the 2-character vocabulary"),
@@ -145,17 +156,36 @@ def test_a_damaged_entry_is_rebuilt_with_one_note(damage, tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_a_killed_builds_temporary_folder_is_removed(tmp_path):
+def leftover(cache, key, name="k1ll3d00", marked=True):
+    """A build's temporary folder as a killed build leaves it (named as tempfile.mkdtemp names them)."""
+    folder = cache / f".{key}.{name}"
+    folder.mkdir(parents=True)
+    if marked:
+        files.mark(folder, key)
+    (folder / corpus.TOKENS).write_bytes(b"\0" * 10)
+    return folder
+
+
+def test_a_killed_builds_temporary_folder_is_removed_and_only_such(tmp_path):
     path, cache = tmp_path / "t.txt", tmp_path / "cache"
     path.write_text("abc" * 20)
-    key = corpus.cache_key([path])
-    leftover = cache / f".{key}.k1ll3d00"  # as tempfile.mkdtemp names them
-    leftover.mkdir(parents=True)
-    (leftover / corpus.TOKENS).write_bytes(b"\0" * 10)
-    other = cache / ".0123456789abcdef0123456789abcdef.a1b2c3d4"  # another key's: not ours to judge
-    other.mkdir()
+    key, other_key = corpus.cache_key([path]), "0123456789abcdef0123456789abcdef"
+    leftover(cache, key)
+    leftover(cache, other_key)  # another text's killed build: its lock is free, so no one builds it
+    unmarked = leftover(cache, other_key, "u53rd1r0", marked=False)  # named like one, not written by us
     assert load_corpus(path, cache).chars == "abc"
-    assert entries(cache) == [other.name, key]
+    assert entries(cache) == [unmarked.name, key]
+
+
+def test_a_folder_in_the_way_of_an_entry_is_never_deleted(tmp_path, capsys):
+    path, cache = tmp_path / "t.txt", tmp_path / "cache"
+    path.write_text("abc" * 20)
+    theirs = cache / corpus.cache_key([path])
+    theirs.mkdir(parents=True)
+    (theirs / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match="is in the way of the token cache and was not written by nanogpt_pl"):
+        load_corpus(path, cache)
+    assert (theirs / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o755), (0o002, 0o775), (0o077, 0o700)], ids=["022", "002", "077"])

@@ -202,3 +202,15 @@ def test_sampling_keeps_only_the_window_the_model_reads():
             probs = torch.softmax(logits[:, -1, :].float() - logits[:, -1, :].float().max(-1, keepdim=True).values, -1)
             idx = torch.cat((idx, torch.multinomial(probs, 1, generator=generator)), dim=1)
     assert torch.equal(out, idx)
+
+
+def test_a_closed_pipe_ends_sampling_quietly(checkpoint, tmp_path):
+    sampler = subprocess.Popen(
+        [sys.executable, "-m", "nanogpt_pl", "generate", "--ckpt_path", str(checkpoint), "--max_new_tokens", "5000"],
+        cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    sampler.stdout.read(10)  # what `| head -c 10` reads before it closes the pipe
+    sampler.stdout.close()
+    err = sampler.stderr.read().decode()
+    assert sampler.wait(timeout=120) == 141 and err == "", err

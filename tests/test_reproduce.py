@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO, TINY, run_cli
 from nanogpt_pl.cli import main
@@ -152,7 +159,8 @@ def test_a_stopped_reproduction_says_what_its_rerun_does(tmp_path, capsys, monke
               "--seeds", "7"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 1
-    assert "a rerun of reproduce trains that run again from step 0" in err and "seed7" in err, err
+    assert err == ("reproduce stopped. 0 of 1 runs finished; 1 stopped with a last.ckpt (v2 seed 7: a rerun of "
+                   "reproduce trains them again from step 0); 0 not started.\n"), err
 
 
 def test_parallel_runs_give_the_serial_runs_figures(tmp_path):
@@ -181,3 +189,56 @@ def test_parallel_runs_give_the_serial_runs_figures(tmp_path):
     serial, parallel = figures(tmp_path / "serial"), figures(tmp_path / "parallel")
     assert sorted(parallel) == ["v2", "v3"] and [r["seed"] for r in parallel["v3"]["seeds"]] == [5, 6]
     assert parallel == serial
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().decode(errors="replace"):
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_ctrl_c_stops_every_parallel_run_records_the_finished_and_leaves_no_process(tmp_path):
+    # quick (2 seeds) finishes, long (2 seeds) trains until stopped, later (2 seeds) never starts.
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    v2 = (REPO / "configs" / "v2.yaml").read_text()
+    tiny = v2.replace("eval_iters: 200", "eval_iters: 2").replace("batch_size: 32", "batch_size: 4")
+    for name, steps, every in (("quick", 4, 2), ("long", 10**7, 5), ("later", 4, 2)):
+        (configs / f"{name}.yaml").write_text(
+            tiny.replace("max_steps: 5000", f"max_steps: {steps}").replace("val_check_interval: 500", f"val_check_interval: {every}"))
+    out = tmp_path / "out"
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "nanogpt_pl", "reproduce", "--configs", str(configs), "--versions", "quick,long,later",
+         "--seeds", "1,2", "--jobs", "2", "--out", str(out)],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group, as a terminal gives a command
+    )
+    lasts = [out / "runs" / "long" / f"seed{s}" / "checkpoints" / "last.ckpt" for s in (1, 2)]
+    deadline = time.monotonic() + 240
+    try:
+        while not ((out / "results.json").is_file() and all(p.is_file() for p in lasts)):
+            assert parent.poll() is None and time.monotonic() < deadline, parent.stderr.read().decode()[-3000:]
+            time.sleep(0.2)
+        os.killpg(parent.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole foreground group
+        stopped_at = time.monotonic()
+        err = parent.communicate(timeout=120)[1].decode()
+    finally:
+        if parent.poll() is None:
+            parent.kill()  # its workers get SIGTERM from the kernel as it dies
+    assert parent.returncode == 1 and time.monotonic() - stopped_at < 60, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    summary = [line for line in err.splitlines() if line.startswith("reproduce stopped")]
+    assert summary == [
+        f"reproduce stopped by SIGINT. 2 of 6 runs finished, recorded in {out / 'results.json'}; 2 stopped with a "
+        "last.ckpt (long seed 1, long seed 2: a rerun of reproduce trains them again from step 0); 2 not started."
+    ], err[-3000:]
+    assert sorted(json.loads((out / "results.json").read_text())) == ["quick"]
+    assert not (out / "runs" / "later").exists()
+    for last in lasts:  # each stopped run saved the step it stopped at
+        assert torch.load(last, weights_only=True)["global_step"] > 0
+    assert _processes_mentioning(str(out)) == []

@@ -51,3 +51,27 @@ def test_the_requeue_signal_saves_last_once_requeues_and_auto_continues(small_te
     assert torch.load(last, weights_only=True)["global_step"] == stopped + 5
     assert not (tmp_path / "tb_logs/v7/version_1").exists()
     assert log.read_text() == f"requeue {JOB}\n"
+
+
+def test_without_requeue_the_warning_signal_still_stops_and_saves(small_text, tmp_path, monkeypatch):
+    log = slurm_job(tmp_path, monkeypatch)
+    last = tmp_path / "tb_logs/v7/version_0/checkpoints/last.ckpt"
+    no_requeue = ["--trainer.plugins+=lightning.fabric.plugins.environments.SLURMEnvironment",
+                  "--trainer.plugins.auto_requeue", "false"]  # as the README says to turn requeueing off
+    proc = popen_fit(small_v7(small_text, *no_requeue, steps=100_000), tmp_path)
+    wait_for(last.exists, proc, poll=0.01)
+    proc.send_signal(signal.SIGUSR1)
+    err = finish(proc, tmp_path)
+    assert proc.returncode == 1, err[-3000:]
+    assert "received SIGUSR1: stopping" in err and "requeueing is off" in err, err[-3000:]
+    assert f"stopped at step {torch.load(last, weights_only=True)['global_step']}; saved" in err
+    assert not log.exists()  # never requeued
+
+
+def test_an_array_task_without_its_task_id_requeues_the_job(tmp_path, monkeypatch, capsys):
+    from nanogpt_pl.stopping import _requeue_slurm_job
+
+    log = slurm_job(tmp_path, monkeypatch)
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "9000")  # SLURM_ARRAY_TASK_ID missing
+    _requeue_slurm_job(saved=True)
+    assert log.read_text() == f"requeue {JOB}\n" and f"requeued SLURM job {JOB}" in capsys.readouterr().err
