@@ -266,11 +266,11 @@ def _run_parallel(runs: list[tuple], jobs: int, finish, requests: _StopRequests)
             proc.kill()
             proc.wait()
         shutil.rmtree(scratch, ignore_errors=True)
-    stopped = [_name(runs[i]) for i in sorted(stopped)]
+    names = [_name(runs[i]) for i in sorted(stopped)]  # in the table's order
     if failure is not None:
-        raise RunsEnded(f"stopped: {failure}", stopped, failed=True)
+        raise RunsEnded(f"stopped: {failure}", names, failed=True)
     if requests.signum is not None:
-        raise RunsEnded(f"stopped by {signal.Signals(requests.signum).name}", stopped)
+        raise RunsEnded(f"stopped by {signal.Signals(requests.signum).name}", names)
 
 
 def _start_worker(run: tuple, result: Path, err: Path) -> subprocess.Popen:
@@ -460,9 +460,12 @@ def _run(config: str | Path, seed: int, runs_dir: str | Path, label: str, overri
     run_dir = runs_dir / config.stem / f"seed{seed}"
     # A TensorBoard run folder accumulates event files: start clean so only this run is read back
     # (the results folder is locked, so no other reproduction is using it).
-    if run_dir.is_symlink():
-        raise UsageError(f"{run_dir} is a symbolic link: remove it, so that the run is written in {runs_dir}.")
-    shutil.rmtree(run_dir, ignore_errors=True)
+    if os.path.lexists(run_dir):
+        if not _is_run_folder(run_dir):
+            raise UsageError(
+                f"{run_dir} holds files that no run wrote (or is a link): move them away, or choose another --out."
+            )
+        shutil.rmtree(run_dir)
     progress = {"class_path": f"{__name__}.RunProgress", "init_args": {"label": label}}
     args = [
         "fit",
@@ -498,6 +501,14 @@ def _run(config: str | Path, seed: int, runs_dir: str | Path, label: str, overri
         "device": device_name(trainer.strategy.root_device),
         "val_curve": curves[EVAL_TAGS["val"]],
     }
+
+
+def _is_run_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds only what a ``fit`` writes there (so clearing it loses nothing else)."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    written = {"checkpoints", "config.yaml", "hparams.yaml", ".run.lock"}
+    return all(p.name in written or p.name.startswith("events.out.tfevents.") for p in folder.iterdir())
 
 
 def read_scalars(log_dir: Path) -> dict[str, list[list[float]]]:

@@ -131,3 +131,14 @@ def test_the_entry_records_its_text(tmp_path):
     (entry,) = corpus.entries(cache)
     meta = json.loads((entry / corpus.VOCAB).read_text())
     assert meta["files"] == [{"bytes": path.stat().st_size, "tokens": len(path.read_text())}]
+
+
+def test_reproduce_never_clears_a_folder_that_no_run_wrote(tmp_path, capsys):
+    mine = tmp_path / "runs" / "v2" / "seed1"
+    mine.mkdir(parents=True)
+    (mine / "notes.md").write_text("mine")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["reproduce", "--out", str(tmp_path), "--versions", "v2", "--seeds", "1", "--max_steps", "2"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and f"{mine} holds files that no run wrote" in err, err
+    assert (mine / "notes.md").read_text() == "mine"
