@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from nanogpt_pl.data import CharTokenizer
 from nanogpt_pl.errors import UsageError
-from nanogpt_pl.files import write_atomic
+from nanogpt_pl.run.files import write_atomic
 from nanogpt_pl.generate import load_checkpoint
 from nanogpt_pl.model import GPT
 

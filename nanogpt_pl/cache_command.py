@@ -20,7 +20,7 @@ from typing import Optional
 
 from nanogpt_pl.corpus import _Damaged, build_lock, cache_key, default_cache_dir, entries, leftovers, read_meta
 from nanogpt_pl.errors import UsageError
-from nanogpt_pl.files import remove_marked
+from nanogpt_pl.run.files import remove_marked
 
 _LEFTOVER_KEY = re.compile(r"\.([0-9a-f]{32})\.")
 

@@ -21,15 +21,17 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 import nanogpt_pl
-from nanogpt_pl import checkpoint_gate, checkpoint_io, checkpointing, precision, resources
+from nanogpt_pl import resources
 from nanogpt_pl.attention import AttentionMaps
 from nanogpt_pl.corpus import load_corpus
 from nanogpt_pl.data import CharDataModule, vocab_size_of
 from nanogpt_pl.errors import UsageError
 from nanogpt_pl.model import GPTConfig
 from nanogpt_pl.module import GPTModule
-from nanogpt_pl.optim import optimizer_members
 from nanogpt_pl.monitoring import HParamsMetric, TextSample, TokenThroughput
+from nanogpt_pl.optim import optimizer_members
+from nanogpt_pl.run import checkpoint, folders, precision, resume
+from nanogpt_pl.run.framework import RunCLI
 from nanogpt_pl.terminal import RunSummary, TrainingBar, quiet_known_noise
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -47,11 +49,11 @@ TRAINER_DEFAULTS = {
     # A sanity pass would spend a full evaluation before step 0 and advance the eval sampler.
     "num_sanity_val_steps": 0,
     # Checkpoints are written to a temporary file and renamed: a kill never leaves a truncated one.
-    "plugins": {"class_path": "nanogpt_pl.checkpoint_io.AtomicCheckpointIO"},
+    "plugins": {"class_path": "nanogpt_pl.run.checkpoint.AtomicCheckpointIO"},
 }
 
 
-class GPTCLI(LightningCLI):
+class GPTCLI(RunCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         """Lightning's fit, validate and test; predict has no meaning for a language model here."""
@@ -68,7 +70,7 @@ class GPTCLI(LightningCLI):
             "model.config.vocab_size",
             compute_fn=vocab_size_of,
         )
-        parser.add_lightning_class_args(checkpointing.LastCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(resume.LastCheckpoint, "checkpoint")
         parser.add_lightning_class_args(TextSample, "sample")
         parser.add_lightning_class_args(AttentionMaps, "attention")
         parser.set_defaults(
@@ -107,12 +109,12 @@ class GPTCLI(LightningCLI):
         """Name the TensorBoard run after the config file (``configs/v7.yaml`` logs to ``tb_logs/v7``).
 
         Also: fit the precision to the GPU the run will use (fp16 where bf16 is only emulated:
-        ``nanogpt_pl.precision``). And find the checkpoint ``--ckpt_path last`` stands for.
+        ``nanogpt_pl.run.precision``). And find the checkpoint ``--ckpt_path last`` stands for.
         """
         config = self.config[self.subcommand] if self.subcommand else self.config
         self._continues_run = False  # set by _resolve_last_checkpoint
         self._saved_optimizers = None  # set by _gate_checkpoint when fit continues a checkpoint
-        self._run_folders: list[checkpoint_io.RunFolder] = []  # set by _claim_run_folders
+        self._run_folders: list[folders.RunFolder] = []  # set by _claim_run_folders
         precision.fit_to_device(config.trainer, config.model)
         logger = config.trainer.logger
         if logger and getattr(logger, "init_args", None) is not None and logger.init_args.get("name") is None:
@@ -125,20 +127,16 @@ class GPTCLI(LightningCLI):
             self._gate_checkpoint(config)
         self._claim_run_folders(config)
 
-    def _parse_ckpt_path(self) -> None:
-        """Lightning's version lets the checkpoint's hyper-parameters silently replace the config's;
-        here the config is the request and ``_gate_checkpoint`` checks the checkpoint against it."""
-
     def _gate_checkpoint(self, config) -> None:
         """Refuse a checkpoint that is remote, unreadable, foreign or of another model, before anything is written."""
         path = config.ckpt_path
-        checkpoint = checkpoint_gate.read_checkpoint(path)
+        saved = checkpoint.read_checkpoint(path)
         data = config.data
         vocab = load_corpus(data.data_path, data.get("cache_dir")).chars  # the cache the parse-time link built
-        replaced = checkpoint_gate.check_fits(path, checkpoint, GPTConfig(**config.model.config.as_dict()), vocab)
+        replaced = checkpoint.check_fits(path, saved, GPTConfig(**config.model.config.as_dict()), vocab)
         if self.subcommand == "fit":
-            checkpoint_gate.check_optimizer(path, checkpoint, config.model.get("hidden_optimizer") is not None)
-            self._saved_optimizers = checkpoint_gate.saved_optimizers(checkpoint)  # checked once built
+            checkpoint.check_optimizer(path, saved, config.model.get("hidden_optimizer") is not None)
+            self._saved_optimizers = checkpoint.saved_optimizers(saved)  # checked once built
         if replaced:
             print(f"note: the command line replaces {path}'s {', '.join(replaced)}", file=sys.stderr)
 
@@ -152,8 +150,8 @@ class GPTCLI(LightningCLI):
         refused as with ``last``, never trained into). Ends with ``config.ckpt_path`` a path or None.
         """
         try:
-            last = checkpoint_io.find_last_checkpoint(*self._checkpoint_search(config))
-        except checkpoint_io.NoCheckpoint:
+            last = checkpoint.find_last_checkpoint(*self._checkpoint_search(config))
+        except checkpoint.NoCheckpoint:
             if config.ckpt_path != "auto":
                 raise
             config.ckpt_path = None
@@ -184,12 +182,12 @@ class GPTCLI(LightningCLI):
 
     def _claim_run_folders(self, config) -> None:
         """``fit``: one writer per run folder, fresh or resumed: every folder the run will write its
-        checkpoints and logs into is locked (``checkpoint_io.RunFolder``) before anything is built.
+        checkpoints and logs into is locked (``folders.RunFolder``) before anything is built.
 
         A fresh run's version folder is created here, not left to the logger, so two runs started at
         once get two folders. Only the launching process claims (the others of a DDP run write nothing).
         """
-        if self.subcommand != "fit" or not checkpoint_io.launching_process():
+        if self.subcommand != "fit" or not folders.launching_process():
             return
         init_args = self._versioned_logger(config)
         try:
@@ -197,17 +195,17 @@ class GPTCLI(LightningCLI):
                 parent = Path(init_args.save_dir) / init_args.name
                 version = init_args.version
                 if version is None:
-                    folder = checkpoint_io.RunFolder.claim_new_version(parent)
+                    folder = folders.RunFolder.claim_new_version(parent)
                     init_args.version = folder.folder.name
                 else:  # Lightning's naming: an int k is version_k, a string is the folder's name
                     name = version if isinstance(version, str) else f"version_{version}"
-                    folder = checkpoint_io.RunFolder.lock(parent / name)
+                    folder = folders.RunFolder.lock(parent / name)
                 self._run_folders.append(folder)
             if config.checkpoint.dirpath:
-                self._run_folders.append(checkpoint_io.RunFolder.lock(Path(config.checkpoint.dirpath)))
+                self._run_folders.append(folders.RunFolder.lock(Path(config.checkpoint.dirpath)))
             elif init_args is None:
                 root = Path(config.trainer.default_root_dir or ".")
-                self._run_folders.append(checkpoint_io.RunFolder.lock(root / "checkpoints"))
+                self._run_folders.append(folders.RunFolder.lock(root / "checkpoints"))
         except UsageError:
             self._release_run_folders()
             raise
@@ -217,16 +215,16 @@ class GPTCLI(LightningCLI):
             folder.release()
         self._run_folders = []
 
-    def _run_subcommand(self, subcommand: str) -> None:
-        try:
-            with warnings.catch_warnings():
-                if self._continues_run:
-                    # Continuing a run means writing into its checkpoint folder: Lightning's warning
-                    # that the folder "exists and is not empty" describes the expected case.
-                    warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
-                super()._run_subcommand(subcommand)
-        finally:
-            self._release_run_folders()
+    def run_subcommand(self, subcommand: str) -> None:
+        with warnings.catch_warnings():
+            if self._continues_run:
+                # Continuing a run means writing into its checkpoint folder: Lightning's warning
+                # that the folder "exists and is not empty" describes the expected case.
+                warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+            super().run_subcommand(subcommand)
+
+    def end_run(self) -> None:
+        self._release_run_folders()
 
     def instantiate_classes(self) -> None:
         """Build everything, turning a constructor's refusal (Lightning's MisconfigurationException, a
@@ -241,8 +239,8 @@ class GPTCLI(LightningCLI):
             configured = self.model.configure_optimizers()
             if self._saved_optimizers is not None:
                 optimizer = configured["optimizer"] if isinstance(configured, dict) else configured
-                path = self._get(self.config, "ckpt_path")
-                kept = checkpoint_gate.check_optimizer_settings(path, self._saved_optimizers, optimizer_members([optimizer]))
+                path = self.section(self.config, "ckpt_path")
+                kept = checkpoint.check_optimizer_settings(path, self._saved_optimizers, optimizer_members([optimizer]))
                 if kept:
                     print(
                         f"note: the resumed run keeps {path}'s optimizer settings: {'; '.join(kept)}. To train "
@@ -267,10 +265,10 @@ class GPTCLI(LightningCLI):
 
         Resume and stop come first: the step count they restore is what the others log against.
         """
-        config = self._get(self.config_init, "trainer", default={})
+        config = self.section(self.config_init, "trainer", default={})
         callbacks = config.get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
-        callbacks = [*checkpointing.callbacks(), *callbacks, TokenThroughput(), HParamsMetric(), RunSummary()]
+        callbacks = [*resume.callbacks(), *callbacks, TokenThroughput(), HParamsMetric(), RunSummary()]
         if config.get("logger") is not False:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         # Lightning refuses a bar callback when the bar is off, and adds its own when none is given.

@@ -41,7 +41,7 @@ Knows nothing of Lightning or of training: files in, a memory-mappable array of 
   that names another character), or an edit of characters that occur only there; only a
   checksum, read in full on every run, would catch those.
 - Only what this package wrote is ever deleted: every entry and every temporary build folder
-  holds a marker (``nanogpt_pl.files``) naming its key, and ``cache --prune``/``--clear`` and the
+  holds a marker (``nanogpt_pl.run.files``) naming its key, and ``cache --prune``/``--clear`` and the
   clean-up of killed builds remove a folder only when its marker names it. Lock files are opened
   without following links.
 - Default cache dir: ``$XDG_CACHE_HOME/nanogpt_pl`` (``~/.cache/nanogpt_pl``), never beside the
@@ -67,7 +67,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from nanogpt_pl.errors import UsageError
-from nanogpt_pl.files import mark, marked, open_lock, remove_marked
+from nanogpt_pl.run.files import mark, marked, open_lock, remove_marked
 
 try:  # serializes builds of one entry across processes; POSIX only
     import fcntl

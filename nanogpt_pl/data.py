@@ -11,10 +11,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import IterableDataset
 
-from nanogpt_pl import resources, steps
+from nanogpt_pl import resources
+from nanogpt_pl.run import steps
 from nanogpt_pl.corpus import check_splits, load_corpus
 from nanogpt_pl.errors import UsageError
-from nanogpt_pl.seeds import stream_seed
+from nanogpt_pl.run.seeds import stream_seed
 
 SPLITS = ("train", "val")
 # The sampler's random streams: training batches, and evaluation batches (kept apart so that

@@ -13,7 +13,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from nanogpt_pl.checkpoint_gate import read_checkpoint
+from nanogpt_pl.run.checkpoint import read_checkpoint
 from nanogpt_pl.data import CharDataModule, CharTokenizer
 from nanogpt_pl.errors import UsageError
 from nanogpt_pl.model import GPT, GPTConfig

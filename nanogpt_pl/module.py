@@ -11,7 +11,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
-from nanogpt_pl import steps
+from nanogpt_pl.run import steps
 from nanogpt_pl.data import SPLITS
 from nanogpt_pl.errors import UsageError
 from nanogpt_pl.model import GPT, GPTConfig
@@ -140,7 +140,7 @@ class GPTModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Which optimizers the state belongs to, so a resume with another one is refused by name
-        # (nanogpt_pl.checkpoint_gate) before its state is poured into the wrong update rule.
+        # (nanogpt_pl.run.checkpoint) before its state is poured into the wrong update rule.
         checkpoint["optimizer_names"] = [type(o).__name__ for o in optimizer_members(self.trainer.optimizers)]
 
     def configure_optimizers(self):

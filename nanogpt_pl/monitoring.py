@@ -13,12 +13,13 @@ from typing import Any, Optional
 import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import Throughput, measure_flops
-from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.tensorboard.summary import hparams
 
-from nanogpt_pl import gpu_peaks, steps
+from nanogpt_pl import gpu_peaks
+from nanogpt_pl.run import steps
+from nanogpt_pl.run.framework import compute_dtype, event_writer
 from nanogpt_pl.errors import UsageError
 from nanogpt_pl.generate import sample
 from nanogpt_pl.model import GPT
@@ -48,7 +49,7 @@ class TokenThroughput(L.Callback):
     Built on Lightning's ``Throughput`` (the engine of its ``ThroughputMonitor``) with FLOPs from
     :func:`training_flops`. ``ThroughputMonitor`` synchronizes CUDA after every step so that its
     clock is exact at each one; this callback reads the clock only on the optimizer steps that log
-    (``nanogpt_pl.steps.is_logging_step``): counts are cumulative, so the rate between two logged
+    (``nanogpt_pl.run.steps.is_logging_step``): counts are cumulative, so the rate between two logged
     steps is the same, and the other steps keep the CPU running ahead of the GPU. Time spent evaluating,
     checkpointing and sampling is left out of the rate.
 
@@ -66,7 +67,7 @@ class TokenThroughput(L.Callback):
         if not trainer.loggers or not trainer.is_global_zero:
             return
         self._device = trainer.strategy.root_device
-        dtype = _plugin_to_compute_dtype(trainer.precision_plugin)
+        dtype = compute_dtype(trainer)
         available_flops, peak_note = gpu_peaks.available_flops(self._device, dtype)
         log_peak(trainer, peak_note)
         # A window of two updates: the rate over the last logging interval.
@@ -197,8 +198,7 @@ class HParamsMetric(L.Callback):
         params = dict(_flatten(run_hparams(trainer, pl_module)))
         summaries = hparams(params, {EVAL_TAGS["val"]: 0.0})  # the value is read from the scalar itself
         for logger in loggers:
-            # The run's own event file (SummaryWriter.add_hparams would open a second run for it).
-            writer = logger.experiment._get_file_writer()
+            writer = event_writer(logger)
             for summary in summaries:
                 writer.add_summary(summary)
             logger.experiment.flush()

@@ -10,7 +10,7 @@ import re
 import statistics
 from pathlib import Path
 
-from nanogpt_pl.files import write_atomic, write_text_atomic
+from nanogpt_pl.run.files import write_atomic, write_text_atomic
 
 # The figures' versions: the lecture's (v1 .. v7, and v7_cpu), and the path after it, one change
 # per step (v7_cpu, v7_cpu_1_rope, ..., v8_cpu; v8 on a GPU). The one-change ablations

@@ -33,7 +33,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from nanogpt_pl import resources
 from nanogpt_pl.cli import cli
 from nanogpt_pl.errors import UsageError
-from nanogpt_pl.files import write_text_atomic
+from nanogpt_pl.run.files import write_text_atomic
 from nanogpt_pl.generate import load_checkpoint, sample
 from nanogpt_pl.module import EVAL_TAGS
 from nanogpt_pl.report import write_report

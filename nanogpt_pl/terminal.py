@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 from tqdm import tqdm
 
-from nanogpt_pl import steps
+from nanogpt_pl.run import steps
 from nanogpt_pl.module import EVAL_TAGS
 
 

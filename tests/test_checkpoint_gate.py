@@ -147,7 +147,7 @@ def test_second_resume_of_a_folder_names_the_holder(trained, capsys):
     finally:
         holder.kill()
         holder.wait()
-    from nanogpt_pl.checkpoint_io import RunFolder
+    from nanogpt_pl.run.folders import RunFolder
 
     RunFolder.lock(folder).release()  # the killed holder's lock is gone with it
 

@@ -278,7 +278,7 @@ def test_fresh_fit_never_resumes_and_last_needs_a_checkpoint(small_text, tmp_pat
 def test_each_process_draws_its_own_dropout_masks_fresh_and_resumed_on_more_processes():
     from types import SimpleNamespace
 
-    from nanogpt_pl.checkpointing import GlobalRandomState
+    from nanogpt_pl.run.resume import GlobalRandomState
 
     def started(rank: int, world_size: int, saved=None) -> GlobalRandomState:
         torch.manual_seed(1337)  # as LightningCLI seeds every process
@@ -340,7 +340,7 @@ def test_full_disk_is_one_line_and_leaves_the_previous_checkpoint(tmp_path, monk
     import errno as errno_module
     import io
 
-    from nanogpt_pl.checkpoint_io import AtomicCheckpointIO
+    from nanogpt_pl.run.checkpoint import AtomicCheckpointIO
     from nanogpt_pl.errors import UsageError
 
     io_plugin = AtomicCheckpointIO()

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from conftest import CONFIGS, SHAKESPEARE, TINY
-from nanogpt_pl import corpus, files
+from nanogpt_pl import corpus
+from nanogpt_pl.run import files
 from nanogpt_pl.cli import main
 from nanogpt_pl.corpus import load_corpus
 from nanogpt_pl.data import CharDataModule, CharTokenizer, vocab_size_of

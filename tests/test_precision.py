@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.plugins.precision.amp import _optimizer_handles_unscaling
 
 from conftest import REPO, SHAKESPEARE
-from nanogpt_pl import precision
+from nanogpt_pl.run import precision
 from nanogpt_pl.cli import GPTCLI, cli
 
 # Two unlike GPUs, so a test can tell which one was asked about.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from nanogpt_pl.data import STREAMS
-from nanogpt_pl.seeds import STREAM_KEYS, stream_seed
+from nanogpt_pl.run.seeds import STREAM_KEYS, stream_seed
 
 
 def first_draws(seed: int) -> torch.Tensor:

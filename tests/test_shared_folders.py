@@ -9,8 +9,10 @@ import os
 
 import pytest
 
-from nanogpt_pl import corpus, files
-from nanogpt_pl.checkpoint_io import AtomicCheckpointIO, RunFolder
+from nanogpt_pl import corpus
+from nanogpt_pl.run import files
+from nanogpt_pl.run.checkpoint import AtomicCheckpointIO
+from nanogpt_pl.run.folders import RunFolder
 from nanogpt_pl.cli import main
 from nanogpt_pl.corpus import load_corpus
 from nanogpt_pl.errors import UsageError

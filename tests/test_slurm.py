@@ -69,7 +69,7 @@ def test_without_requeue_the_warning_signal_still_stops_and_saves(small_text, tm
 
 
 def test_an_array_task_without_its_task_id_requeues_the_job(tmp_path, monkeypatch, capsys):
-    from nanogpt_pl.stopping import _requeue_slurm_job
+    from nanogpt_pl.run.stop import _requeue_slurm_job
 
     log = slurm_job(tmp_path, monkeypatch)
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "9000")  # SLURM_ARRAY_TASK_ID missing

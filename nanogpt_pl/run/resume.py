@@ -7,7 +7,7 @@ block sampler's random streams and the vocabulary). What it leaves out, and what
 - ``LastCheckpoint``: ``last.ckpt`` follows every estimate, not only the improving ones.
 - ``ResumedStepCount``: the loggers' step labels continue as an uninterrupted run's.
 
-Writing them is ``nanogpt_pl.checkpoint_io``'s job, stopping a run ``nanogpt_pl.stopping``'s.
+Writing them is ``nanogpt_pl.run.checkpoint``'s job, stopping a run ``nanogpt_pl.run.stop``'s.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
-from nanogpt_pl.seeds import stream_seed
-from nanogpt_pl.stopping import GracefulStop, NonFiniteLossGuard
+from nanogpt_pl.run.seeds import stream_seed
+from nanogpt_pl.run.stop import GracefulStop, NonFiniteLossGuard
 
 class LastCheckpoint(ModelCheckpoint):
     """Lightning's ``ModelCheckpoint``, except that ``last.ckpt`` is rewritten after every estimate.
@@ -50,7 +50,7 @@ class GlobalRandomState(Callback):
     LightningCLI seeds every process alike, which would give every rank the same dropout masks, and
     the sampler's streams derive from that same seed; so once training starts (after the model was
     built identically everywhere) every process reseeds the generator with its own ``dropout``
-    stream seed (``nanogpt_pl.seeds``). A resume continues each saved state; resumed on more
+    stream seed (``nanogpt_pl.run.seeds``). A resume continues each saved state; resumed on more
     processes than saved, the extra ones keep their fresh dropout seed.
     """
 

@@ -1,4 +1,8 @@
-"""The one gate every ``--ckpt_path`` passes before anything is built or written.
+"""What a checkpoint is: the one gate every ``--ckpt_path`` passes, atomic writes, and ``last``.
+
+- ``read_checkpoint`` / ``check_fits`` / ``check_optimizer*``: the gate, before anything is built or written.
+- ``AtomicCheckpointIO``: a checkpoint appears complete under its name, or not at all.
+- ``find_last_checkpoint``: what ``--ckpt_path last`` means on the command line.
 
 A checkpoint is a pickle: loaded without ``weights_only=True`` it can run any code, so only local
 files are read, and only with ``weights_only=True``. A checkpoint that loads must also be this
@@ -9,15 +13,23 @@ Fields that change parameter shapes must match; the others (dropout, ...) follow
 from __future__ import annotations
 
 import dataclasses
+import errno
+import io
 import re
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.plugins import TorchCheckpointIO
 
 from nanogpt_pl.data import CharDataModule
 from nanogpt_pl.errors import UsageError
 from nanogpt_pl.model import GPTConfig
+from nanogpt_pl.run.files import write_atomic
+
+LAST = "last"  # ModelCheckpoint's name for the newest checkpoint: last.ckpt (last-v1.ckpt, ... on name clashes)
 
 # GPTConfig fields that change no parameter's shape: the command line's values win over the checkpoint's.
 FREE_FIELDS = ("dropout", "attn_scale", "init", "activation", "qk_norm", "zero_init_proj")
@@ -159,3 +171,69 @@ def _plain(value):
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint to a temporary file in its own directory, then renames it into place.
+
+    A rename within one directory is atomic, so a process killed at any moment leaves either the
+    previous complete ``last.ckpt`` or the new one. (Lightning's default stages the file in the
+    system temp directory, whose move onto another file system is a copy that a kill can cut short.)
+    Remote paths keep Lightning's own writer.
+    """
+
+    def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None):
+        """Always ``weights_only=True`` and local: ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` or a URL must not
+        let a planted checkpoint run code (the CLI's checkpoint gate has checked the file already)."""
+        if not isinstance(get_filesystem(path), LocalFileSystem):
+            raise UsageError(f"checkpoint {path} is not a local file: download it and pass the file.")
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, lambda f: torch.save(checkpoint, f))
+        except (OSError, RuntimeError) as err:  # torch's zip writer reports a full disk as RuntimeError
+            if not _disk_full(err):
+                if isinstance(err, OSError):
+                    raise UsageError(
+                        f"cannot write the checkpoint {path} ({err.strerror or err}): make {path.parent} "
+                        "writable or choose another --checkpoint.dirpath; the previous checkpoint is intact."
+                    ) from None
+                raise
+            buffer = io.BytesIO()
+            torch.save(checkpoint, buffer)
+            raise UsageError(
+                f"no space left in {path.parent} to save {path.name} ({buffer.tell():,} bytes needed); "
+                "free space there and resume with --ckpt_path last (the previous checkpoint is intact)."
+            ) from None
+
+
+def _disk_full(err: BaseException) -> bool:
+    return getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(err) or (
+        "inline_container" in str(err)
+    )
+
+
+class NoCheckpoint(UsageError):
+    """``--ckpt_path last`` found nothing to continue (``auto`` then starts afresh)."""
+
+
+def find_last_checkpoint(directory: Path, subdirectories: str = "") -> Path:
+    """The most recently written ``last*.ckpt`` in ``directory`` (or in its ``subdirectories`` pattern).
+
+    On the command line the directory is the logger's ``<save_dir>/<name>`` (``tb_logs/v2``) and the
+    pattern ``*/checkpoints/``: every fresh ``fit`` gets a new version folder there, and
+    ``--ckpt_path last`` picks the run whose ``last.ckpt`` was written last.
+    """
+    pattern = f"{subdirectories}{LAST}*.ckpt"
+    candidates = list(directory.glob(pattern)) if directory.is_dir() else []
+    if not candidates:
+        raise NoCheckpoint(
+            f"--ckpt_path last: no checkpoint matches {directory / pattern}; start a fresh run without "
+            "--ckpt_path, or pass the path of a .ckpt file."
+        )
+    return max(candidates, key=lambda p: p.stat().st_mtime)

@@ -1,68 +1,18 @@
-"""Where checkpoints and runs live on disk: atomic writes, one writer per run folder, ``last``.
+"""Where runs live on disk: one writer per run folder, checked writable before the first step.
 
-- ``AtomicCheckpointIO``: a checkpoint appears complete under its name, or not at all.
 - ``RunFolder``: one run writes a run folder at a time.
-- ``find_last_checkpoint``: what ``--ckpt_path last`` means on the command line.
+- ``launching_process``: the one process of a run that claims its folders.
 """
 
 from __future__ import annotations
 
-import errno
-import io
 import os
 from pathlib import Path
-from typing import Any, Optional
 
-import torch
-from fsspec.implementations.local import LocalFileSystem
-from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.rank_zero import _get_rank as _launch_rank
-from lightning.pytorch.plugins import TorchCheckpointIO
 
 from nanogpt_pl.errors import UsageError
-from nanogpt_pl.files import open_lock, probe_file_writable, probe_writable, write_atomic
-
-LAST = "last"  # ModelCheckpoint's name for the newest checkpoint: last.ckpt (last-v1.ckpt, ... on name clashes)
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint to a temporary file in its own directory, then renames it into place.
-
-    A rename within one directory is atomic, so a process killed at any moment leaves either the
-    previous complete ``last.ckpt`` or the new one. (Lightning's default stages the file in the
-    system temp directory, whose move onto another file system is a copy that a kill can cut short.)
-    Remote paths keep Lightning's own writer.
-    """
-
-    def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None):
-        """Always ``weights_only=True`` and local: ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` or a URL must not
-        let a planted checkpoint run code (the CLI's checkpoint gate has checked the file already)."""
-        if not isinstance(get_filesystem(path), LocalFileSystem):
-            raise UsageError(f"checkpoint {path} is not a local file: download it and pass the file.")
-        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
-        if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(path, lambda f: torch.save(checkpoint, f))
-        except (OSError, RuntimeError) as err:  # torch's zip writer reports a full disk as RuntimeError
-            if not _disk_full(err):
-                if isinstance(err, OSError):
-                    raise UsageError(
-                        f"cannot write the checkpoint {path} ({err.strerror or err}): make {path.parent} "
-                        "writable or choose another --checkpoint.dirpath; the previous checkpoint is intact."
-                    ) from None
-                raise
-            buffer = io.BytesIO()
-            torch.save(checkpoint, buffer)
-            raise UsageError(
-                f"no space left in {path.parent} to save {path.name} ({buffer.tell():,} bytes needed); "
-                "free space there and resume with --ckpt_path last (the previous checkpoint is intact)."
-            ) from None
-
+from nanogpt_pl.run.files import open_lock, probe_file_writable, probe_writable
 
 def launching_process() -> bool:
     """Whether this is the process that writes the run's folders: global rank 0 as the launcher sees
@@ -180,31 +130,3 @@ class RunFolder:
 def _missing(folder: Path) -> list[Path]:
     """``folder`` and those of its parents that do not exist yet."""
     return [p for p in (folder, *folder.parents) if not p.exists()]
-
-
-def _disk_full(err: BaseException) -> bool:
-    return getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(err) or (
-        "inline_container" in str(err)
-    )
-
-
-class NoCheckpoint(UsageError):
-    """``--ckpt_path last`` found nothing to continue (``auto`` then starts afresh)."""
-
-
-def find_last_checkpoint(directory: Path, subdirectories: str = "") -> Path:
-    """The most recently written ``last*.ckpt`` in ``directory`` (or in its ``subdirectories`` pattern).
-
-    On the command line the directory is the logger's ``<save_dir>/<name>`` (``tb_logs/v2``) and the
-    pattern ``*/checkpoints/``: every fresh ``fit`` gets a new version folder there, and
-    ``--ckpt_path last`` picks the run whose ``last.ckpt`` was written last.
-    """
-    pattern = f"{subdirectories}{LAST}*.ckpt"
-    candidates = list(directory.glob(pattern)) if directory.is_dir() else []
-    if not candidates:
-        raise NoCheckpoint(
-            f"--ckpt_path last: no checkpoint matches {directory / pattern}; start a fresh run without "
-            "--ckpt_path, or pass the path of a .ckpt file."
-        )
-    return max(candidates, key=lambda p: p.stat().st_mtime)
-

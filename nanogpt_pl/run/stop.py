@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from nanogpt_pl import steps
+from nanogpt_pl.run import steps
 from nanogpt_pl.errors import UsageError
 
 class GracefulStop(Callback):
