@@ -13,16 +13,13 @@ folder that holds other things (even folders named like entries) loses none of t
 from __future__ import annotations
 
 import os
-import re
 import stat
 from pathlib import Path
 from typing import Optional
 
-from nanogpt_pl.corpus import _Damaged, build_lock, cache_key, default_cache_dir, entries, leftovers, read_meta
+from nanogpt_pl.corpus import _Damaged, build_lock, cache_folders, cache_key, default_cache_dir, read_meta
 from nanogpt_pl.errors import UsageError
 from nanogpt_pl.run.files import remove_marked
-
-_LEFTOVER_KEY = re.compile(r"\.([0-9a-f]{32})\.")
 
 
 def cache(*, cache_dir: Optional[str] = None, prune: bool = False, clear: bool = False) -> None:
@@ -37,28 +34,25 @@ def cache(*, cache_dir: Optional[str] = None, prune: bool = False, clear: bool =
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if os.path.lexists(root) and not root.is_dir():
         raise UsageError(f"--cache_dir {root} is a file, not the cache folder.")
-    found = entries(root) + leftovers(root)
-    if not found:
+    entries, leftovers = cache_folders(root), cache_folders(root, leftover=True)
+    if not entries and not leftovers:
         print(f"token cache {root}: empty")
         return
     total = removed = 0
-    for folder in found:
+    for (folder, key), leftover in [*((e, False) for e in entries), *((f, True) for f in leftovers)]:
         size = _size(folder)
-        key_match = _LEFTOVER_KEY.match(folder.name)
-        key = key_match[1] if key_match else folder.name
-        state, sources = ("leftover", []) if key_match else _state(folder)
+        state, sources = ("leftover", []) if leftover else _state(folder)
         if clear or (prune and state != "current"):
-            if _remove(root, folder, key, leftover=bool(key_match)):
+            if _remove(root, folder, key, leftover):
                 state, removed = "removed", removed + size
             else:
                 state = "building"
         total += size
-        shown = sources[0] if sources else ("(a killed build's temporary folder)" if key_match else "(unknown sources)")
+        shown = sources[0] if sources else ("(a killed build's temporary folder)" if leftover else "(unknown sources)")
         more = f" and {len(sources) - 1} more" if len(sources) > 1 else ""
-        print(f"{folder.name.lstrip('.')[:12]}  {size / 2**20:9.1f} MiB  {state:8}  {shown}{more}")
-    n_leftovers = sum(bool(_LEFTOVER_KEY.match(f.name)) for f in found)
-    print(f"token cache {root}: {len(found) - n_leftovers} entries" + (
-        f" and {n_leftovers} leftover build folders" if n_leftovers else ""
+        print(f"{key[:12]}  {size / 2**20:9.1f} MiB  {state:8}  {shown}{more}")
+    print(f"token cache {root}: {len(entries)} entries" + (
+        f" and {len(leftovers)} leftover build folders" if leftovers else ""
     ) + f", {total / 2**20:.1f} MiB" + (f", {removed / 2**20:.1f} MiB removed" if removed else ""))
 
 

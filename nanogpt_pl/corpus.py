@@ -252,50 +252,37 @@ def _ends(path: Path) -> tuple[str, str, int]:
         raise _Damaged(f"{path} reads differently now ({type(err).__name__})") from None
 
 
-def remove_leftovers(root: Path, held: Optional[str] = None) -> list[Path]:
-    """Remove the temporary folders that killed builds left (of key ``held``, whose build lock the
-    caller holds, and of any key whose lock is free: no live builder owns them); returns the ones
-    still being built."""
-    busy = []
+def remove_leftovers(root: Path, held: Optional[str] = None) -> None:
+    """Remove the temporary folders that killed builds left: of key ``held``, whose build lock the
+    caller holds, and of any key whose lock is free (no live builder owns them)."""
     if fcntl is None:  # no lock, so a leftover may be a live builder's: leave them all
-        return busy
-    try:
-        names = os.listdir(root)
-    except OSError:
-        return busy
-    for name in names:
-        match = _LEFTOVER.fullmatch(name)
-        if not match or not marked(root / name, match[1]):
-            continue
+        return
+    for folder, key in cache_folders(root, leftover=True):
         try:
-            if match[1] == held:
-                remove_marked(root / name, held)
+            if key == held:
+                remove_marked(folder, key)
                 continue
-            with build_lock(root, match[1], wait=False):
-                remove_marked(root / name, match[1])
-        except BlockingIOError:
-            busy.append(root / name)
-        except (OSError, UsageError):
+            with build_lock(root, key, wait=False):
+                remove_marked(folder, key)
+        except (OSError, UsageError):  # BlockingIOError: being built right now
             continue
-    return busy
 
 
-def entries(root: Path) -> list[Path]:
-    """The cache's entries: real folders (no links) named as keys and marked by this package."""
+def cache_folders(root: Path, leftover: bool = False) -> list[tuple[Path, str]]:
+    """(folder, key) of the cache's entries, or of its builds' temporary folders (finished by a kill
+    or still running): real folders (no links) named for their key and marked by this package."""
     try:
         names = sorted(os.listdir(root))
     except OSError:
         return []
-    return [root / name for name in names if _KEY.fullmatch(name) and marked(root / name, name)]
-
-
-def leftovers(root: Path) -> list[Path]:
-    """The marked temporary folders of builds, finished by a kill or still running."""
-    try:
-        names = sorted(os.listdir(root))
-    except OSError:
-        return []
-    return [root / n for n in names if (m := _LEFTOVER.fullmatch(n)) and marked(root / n, m[1])]
+    pattern = _LEFTOVER if leftover else _KEY
+    found = []
+    for name in names:
+        match = pattern.fullmatch(name)
+        key = match and (match[1] if leftover else name)
+        if key and marked(root / name, key):
+            found.append((root / name, key))
+    return found
 
 
 def _umask() -> int:

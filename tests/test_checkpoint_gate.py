@@ -187,7 +187,9 @@ def test_a_read_only_checkpoint_folder_is_one_line_before_training(tmp_path, cap
     real_open = os.open
 
     def refusing_open(path, flags, *args, **kwargs):  # the OS's answer for a folder without write permission
-        if Path(os.path.abspath(path)).parent == checkpoints and flags & os.O_CREAT:
+        path = Path(os.path.abspath(path))
+        unnamed = getattr(os, "O_TMPFILE", 0) and flags & os.O_TMPFILE == os.O_TMPFILE  # a file in folder `path`
+        if (path == checkpoints and unnamed) or (path.parent == checkpoints and flags & os.O_CREAT):
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, flags, *args, **kwargs)
 

@@ -102,6 +102,15 @@ def test_a_link_at_a_lock_is_refused_and_its_target_untouched(tmp_path, victim, 
     assert victim.read_text() == "the user's own file\n"
 
 
+def test_a_run_folder_whose_config_is_a_link_is_refused_before_training(tmp_path, victim):
+    run = tmp_path / "version_0"
+    run.mkdir()
+    (run / "config.yaml").symlink_to(victim)  # Lightning would rewrite config.yaml through it
+    with pytest.raises(UsageError, match="config.yaml \\(a symbolic link, which the write would follow\\)"):
+        RunFolder.lock(run)
+    assert victim.read_text() == "the user's own file\n"
+
+
 def test_atomic_writes_never_write_through_a_link(tmp_path, victim):
     folder = tmp_path / "checkpoints"
     folder.mkdir()
@@ -130,7 +139,7 @@ def test_a_reproduction_folder_is_locked_against_a_second(tmp_path, capsys):
 def test_the_entry_records_its_text(tmp_path):
     path, cache = text(tmp_path, content="héllo wörld\n" * 500), tmp_path / "cache"
     load_corpus(path, cache)
-    (entry,) = corpus.entries(cache)
+    ((entry, _),) = corpus.cache_folders(cache)
     meta = json.loads((entry / corpus.VOCAB).read_text())
     assert meta["files"] == [{"bytes": path.stat().st_size, "tokens": len(path.read_text())}]
 

@@ -22,6 +22,7 @@ import errno
 import os
 import shutil
 import stat
+import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -125,22 +126,21 @@ def remove_marked(folder: Path, kind: str) -> bool:
 
 
 def probe_writable(folder: Path) -> None:
-    """Raise the ``OSError`` that writing a file in ``folder`` would raise, by writing and removing one;
-    creates ``folder`` if missing (the caller cleans up folders it made)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    probe = folder / f".write-probe.{os.getpid()}"
-    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o600)
-    os.close(fd)
-    os.unlink(probe)
+    """Raise the ``OSError`` that writing a file in ``folder`` would raise, by creating one under a
+    fresh name (never a link's) that is gone again when closed."""
+    with tempfile.TemporaryFile(dir=folder):
+        pass
 
 
 def probe_file_writable(path: Path) -> None:
-    """Raise the ``OSError`` that overwriting ``path`` would raise; a missing file is probed by its folder."""
+    """Raise the ``OSError`` that overwriting ``path`` would raise (a link there too: the write would
+    go through it); a missing file is probed by its folder."""
     path = Path(path)
     if not os.path.lexists(path):
         probe_writable(path.parent)
         return
+    if os.path.islink(path):
+        raise OSError(errno.ELOOP, "a symbolic link, which the write would follow", str(path))
     if os.path.isdir(path):
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | _CLOEXEC)  # opens as a write would; changes nothing

@@ -14,6 +14,7 @@ from lightning.fabric.utilities.rank_zero import _get_rank as _launch_rank
 from nanogpt_pl.errors import UsageError
 from nanogpt_pl.run.files import open_lock, probe_file_writable, probe_writable
 
+
 def launching_process() -> bool:
     """Whether this is the process that writes the run's folders: global rank 0 as the launcher sees
     it (no rank set yet, or rank 0 of node 0). The processes of the same run that Lightning, torchrun
